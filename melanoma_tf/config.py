@@ -1,0 +1,420 @@
+"""Typed, strict experiment configuration.
+
+A YAML file is merged into frozen dataclasses. Every key must exist in the
+schema (an unknown key is an error that names it and the closest valid key),
+every value is coerced to the declared type or rejected with the key's dotted
+path, and :meth:`Config.validate` checks ranges.
+
+PyYAML reads ``1e-4`` as the string ``"1e-4"`` (YAML 1.1 wants ``1.0e-4``),
+so float fields accept numeric strings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from melanoma_tf.files import write_atomic
+
+STAGES = ("teacher", "student", "distill")
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown, mistyped or out of range."""
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """keras-cv augmentation applied to training batches only."""
+
+    flip: bool = True
+    rotation: float = 0.25  # fraction of a full turn, both directions
+    zoom: float = 0.1  # +- fraction of the image size
+    translate: float = 0.05
+    brightness: float = 0.1  # fraction of the value range
+    contrast: float = 0.1
+    saturation: float = 0.1  # +- around the identity factor 0.5 of keras-cv
+    hue: float = 0.02
+    rand_augment: bool = False
+    rand_augment_magnitude: float = 0.3
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """Built-in synthetic dermoscopy-like dataset (used when data.root is null)."""
+
+    n_lesions: int = 400
+    melanoma_fraction: float = 0.25
+    image_size: int = 96
+    second_image_fraction: float = 0.2  # lesions photographed twice
+    dir: str = "data/synthetic"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: Optional[str] = None  # folder with the metadata CSV; null: synthetic data
+    metadata: str = "HAM10000_metadata.csv"
+    image_dirs: tuple[str, ...] = ()  # relative to root; empty: every folder under root holding images
+    on_missing: Literal["skip", "error"] = "skip"
+    on_corrupt: Literal["skip", "error"] = "skip"
+    labels: Literal["binary", "multiclass"] = "binary"
+    image_size: int = 128
+    holdout_fraction: float = 0.2
+    val_fraction: float = 0.2
+    folds: int = 0  # K>1: stratified-grouped K-fold on the non-holdout part
+    fold: int = 0
+    cache: str = "memory"  # memory | none | a file path prefix
+    class_weight: Literal["balanced", "none"] = "balanced"
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    weights: Optional[str] = None  # imagenet | null | path to a backbone weights file
+    mode: Literal["frozen", "full"] = "full"  # frozen: only the head trains first
+    dropout: float = 0.3
+    bn_momentum: float = 0.9
+    finetune_blocks: int = 0  # after a frozen phase: unfreeze the top N residual blocks
+    finetune_epochs: int = 0
+    finetune_lr: float = 1.0e-5
+    epochs: Optional[int] = None  # overrides train.epochs for the teacher stage
+    lr: Optional[float] = None  # overrides train.lr for the teacher stage
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    weights: Optional[str] = None
+    minimalistic: bool = False
+    alpha: float = 1.0  # MobileNetV3 width multiplier
+    pooling: Literal["avg", "max"] = "avg"
+    dropout: float = 0.2
+    head_units: int = 0  # 0: the logit layer sits directly on the pooled features
+    bn_momentum: float = 0.9
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    name: Literal["bce", "wbce", "focal"] = "bce"  # ce/wce/focal in multiclass mode
+    pos_weight: float = 0.7  # wbce: melanoma weight w, others 1 - w
+    gamma: float = 2.0  # focal
+    focal_alpha: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    alpha: float = 0.5  # weight of the student loss; 1 - alpha goes to KD
+    temperature: float = 2.0
+    teacher: Optional[str] = None  # teacher .keras or run folder; chained runs use their teacher stage
+    teacher_outputs: Literal["online", "cached"] = "online"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 20
+    batch_size: int = 32
+    lr: float = 1.0e-3
+    weight_decay: float = 0.0
+    lr_schedule: Literal["constant", "cosine", "plateau"] = "cosine"
+    warmup_epochs: int = 0
+    early_stopping_patience: int = 0  # 0: off
+    verbose: int = 1  # Keras progress: 0 silent, 1 bar, 2 one line per epoch
+    steps_per_epoch: Optional[int] = None  # debugging: cut epochs short
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    dir: str = "runs"
+    name: Optional[str] = None  # default: the config file's stem
+
+
+@dataclass(frozen=True)
+class Config:
+    seed: int = 42
+    stages: tuple[Literal["teacher", "student", "distill"], ...] = ("student",)
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def validate(self) -> "Config":
+        """Checks value ranges; raises ConfigError naming the key."""
+        checks = [
+            ("data.image_size", self.data.image_size >= 16, "must be >= 16"),
+            ("data.holdout_fraction", 0 < self.data.holdout_fraction < 1, "must be in (0, 1)"),
+            ("data.val_fraction", 0 < self.data.val_fraction < 1, "must be in (0, 1)"),
+            ("data.folds", self.data.folds == 0 or self.data.folds >= 2, "must be 0 (off) or >= 2"),
+            ("data.fold", self.data.fold >= 0 and (self.data.folds == 0 or self.data.fold < self.data.folds),
+             "must be in [0, data.folds)"),
+            ("data.synthetic.n_lesions", self.data.synthetic.n_lesions >= 20, "must be >= 20"),
+            ("data.synthetic.melanoma_fraction", 0 < self.data.synthetic.melanoma_fraction < 1,
+             "must be in (0, 1)"),
+            ("data.synthetic.image_size", self.data.synthetic.image_size >= 16, "must be >= 16"),
+            ("data.augment.rotation", 0 <= self.data.augment.rotation <= 0.5, "must be in [0, 0.5]"),
+            ("data.augment.zoom", 0 <= self.data.augment.zoom < 1, "must be in [0, 1)"),
+            ("data.augment.translate", 0 <= self.data.augment.translate < 1, "must be in [0, 1)"),
+            ("data.augment.saturation", 0 <= self.data.augment.saturation <= 0.5, "must be in [0, 0.5]"),
+            ("data.augment.hue", 0 <= self.data.augment.hue <= 1, "must be in [0, 1]"),
+            ("teacher.dropout", 0 <= self.teacher.dropout < 1, "must be in [0, 1)"),
+            ("teacher.bn_momentum", 0 < self.teacher.bn_momentum < 1, "must be in (0, 1)"),
+            ("teacher.finetune_blocks", 0 <= self.teacher.finetune_blocks <= 16, "must be in [0, 16]"),
+            ("teacher.finetune_epochs", self.teacher.finetune_epochs >= 0, "must be >= 0"),
+            ("teacher.finetune_lr", self.teacher.finetune_lr > 0, "must be > 0"),
+            ("teacher.epochs", self.teacher.epochs is None or self.teacher.epochs >= 0, "must be >= 0"),
+            ("teacher.lr", self.teacher.lr is None or self.teacher.lr > 0, "must be > 0"),
+            ("student.alpha", self.student.alpha > 0, "must be > 0"),
+            ("student.dropout", 0 <= self.student.dropout < 1, "must be in [0, 1)"),
+            ("student.head_units", self.student.head_units >= 0, "must be >= 0"),
+            ("student.bn_momentum", 0 < self.student.bn_momentum < 1, "must be in (0, 1)"),
+            ("loss.pos_weight", 0 < self.loss.pos_weight < 1, "must be in (0, 1)"),
+            ("loss.gamma", self.loss.gamma >= 0, "must be >= 0"),
+            ("loss.focal_alpha", self.loss.focal_alpha is None or 0 <= self.loss.focal_alpha <= 1,
+             "must be in [0, 1]"),
+            ("distill.alpha", 0 <= self.distill.alpha <= 1, "must be in [0, 1]"),
+            ("distill.temperature", self.distill.temperature > 0, "must be > 0"),
+            ("train.epochs", self.train.epochs >= 1, "must be >= 1"),
+            ("train.batch_size", self.train.batch_size >= 1, "must be >= 1"),
+            ("train.lr", self.train.lr > 0, "must be > 0"),
+            ("train.weight_decay", self.train.weight_decay >= 0, "must be >= 0"),
+            ("train.warmup_epochs", 0 <= self.train.warmup_epochs < self.train.epochs,
+             "must be in [0, train.epochs)"),
+            ("train.early_stopping_patience", self.train.early_stopping_patience >= 0, "must be >= 0"),
+            ("train.verbose", self.train.verbose in (0, 1, 2), "must be 0, 1 or 2"),
+            ("train.steps_per_epoch", self.train.steps_per_epoch is None or self.train.steps_per_epoch >= 1,
+             "must be >= 1"),
+            ("stages", len(self.stages) >= 1, "must name at least one stage"),
+        ]
+        for key, ok, message in checks:
+            if not ok:
+                raise ConfigError(f"{key}: {message} (got {_get(self, key)!r})")
+        if len(set(self.stages)) != len(self.stages):
+            raise ConfigError(f"stages: a stage is listed twice (got {list(self.stages)})")
+        if list(self.stages) != sorted(self.stages, key=STAGES.index):
+            raise ConfigError(f"stages: must be in the order teacher, student, distill (got {list(self.stages)})")
+        if "distill" in self.stages and "teacher" not in self.stages and not self.distill.teacher:
+            raise ConfigError("distill.teacher: the distill stage needs a teacher model path "
+                              "(or the teacher stage in the same run)")
+        return self
+
+    @property
+    def num_outputs(self) -> int:
+        return 1 if self.data.labels == "binary" else 7
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _get(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Converts a YAML value to the declared field type or raises ConfigError."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}{hint}")
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+    if _is_dataclass_type(tp):
+        if value is None:
+            return tp()
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return _build(tp, value, key + ".")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        try:
+            number = float(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+        if not number.is_integer():
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(number)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)  # "1e-4" from PyYAML becomes 0.0001
+        except ValueError:
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"unsupported config type {tp} for {key}")
+
+
+# Names from other frameworks that string similarity would not map to ours.
+_ALIASES = {"learning_rate": "lr", "num_epochs": "epochs", "bs": "batch_size", "t": "temperature",
+            "img_size": "image_size", "input_size": "image_size", "size": "image_size", "kd_alpha": "alpha"}
+
+
+def _build(cls: type, values: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            alias = _ALIASES.get(str(key).lower())
+            close = [alias] if alias in names else difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {names}"
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+        kwargs[key] = _coerce(value, hints[key], prefix + key)
+    return cls(**kwargs)
+
+
+def _nest(dotted: str, value: Any) -> dict:
+    out: dict = {}
+    node = out
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def parse_override(text: str) -> dict:
+    """Turns ``section.key=value`` into a nested dict; the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {err}") from None
+    return _nest(key, value)
+
+
+def from_dict(values: dict | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Builds and validates a Config from a plain dict plus ``key=value`` overrides."""
+    values = dict(values or {})
+    for text in overrides:
+        values = _merge(values, parse_override(text))
+    return _build(Config, values).validate()
+
+
+def load(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Loads a YAML config file, applies overrides and validates it.
+
+    Args:
+      path: the YAML file.
+      overrides: ``section.key=value`` strings, applied in order.
+
+    Returns:
+      The frozen, validated Config. If ``output.name`` is unset it becomes the file's stem.
+
+    Raises:
+      ConfigError: naming the file and the offending key.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    try:
+        config = from_dict(values, overrides)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    if config.output.name is None:
+        config = replace(config, "output.name", path.stem)
+    return config
+
+
+def replace(config: Config, dotted: str, value: Any) -> Config:
+    """Returns a copy of config with one dotted key replaced (and re-validated)."""
+    parts = dotted.split(".")
+
+    def _rec(obj: Any, idx: int) -> Any:
+        if idx == len(parts) - 1:
+            return dataclasses.replace(obj, **{parts[idx]: value})
+        child = getattr(obj, parts[idx])
+        return dataclasses.replace(obj, **{parts[idx]: _rec(child, idx + 1)})
+
+    return _rec(config, 0).validate()
+
+
+def to_dict(config: Config) -> dict:
+    """A plain-dict (YAML-ready) view of the config; tuples become lists."""
+
+    def _plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: _plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [_plain(v) for v in value]
+        return value
+
+    return _plain(dataclasses.asdict(config))
+
+
+def to_yaml(config: Config) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+def fingerprint(config: Config, ignore: tuple[str, ...] = ("output", "train.verbose")) -> str:
+    """A short hash of the config without the given keys, to match resumed runs."""
+    values = to_dict(config)
+    for dotted in ignore:
+        node = values
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            node = node[part]
+        node.pop(parts[-1], None)
+    return hashlib.sha256(yaml.safe_dump(values, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def save(config: Config, path: str | os.PathLike) -> None:
+    """Writes the resolved config as YAML, atomically."""
+    write_atomic(path, to_yaml(config))

@@ -1,0 +1,347 @@
+"""HAM10000 metadata, image discovery, labels and lesion-grouped splits.
+
+Everything here is TensorFlow-free except :func:`find_unreadable_images`, which
+decodes every image once with the same TensorFlow decoder the input pipeline
+uses, so that a corrupt JPEG is found before training and never mid-epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold
+
+from melanoma_tf.files import write_atomic, write_json
+
+log = logging.getLogger(__name__)
+
+# HAM10000's seven diagnoses, in the order used for multiclass labels.
+DX_CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
+MELANOMA = "mel"
+REQUIRED_COLUMNS = ("lesion_id", "image_id", "dx")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+SPLITS = ("train", "val", "holdout")
+# Holdout and validation fractions are realised as a number of folds out of this
+# many stratified-grouped folds, so any fraction is honoured to within 5 points.
+_SPLIT_RESOLUTION = 20
+
+
+class DataError(ValueError):
+    """The metadata or the image folders are not usable; the message names the file/row."""
+
+
+@dataclass
+class LesionData:
+    """Images that exist and decode, with labels.
+
+    Attributes:
+      frame: one row per usable image: image_id, lesion_id, dx, label, path, and
+        the other metadata columns; sorted by image_id.
+      label_names: names of the label values (``["not_melanoma", "melanoma"]`` or the dx codes).
+      n_listed: rows in the metadata CSV.
+      missing: image_ids listed in the metadata with no file on disk.
+      unreadable: image_ids whose file exists but does not decode.
+      metadata_path: the CSV read.
+    """
+
+    frame: pd.DataFrame
+    label_names: list[str]
+    n_listed: int
+    missing: list[str] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)
+    metadata_path: str = ""
+
+    def summary(self) -> dict:
+        labels = self.frame["label"].to_numpy()
+        return {
+            "metadata": self.metadata_path,
+            "n_listed": int(self.n_listed),
+            "n_images": int(len(self.frame)),
+            "n_missing": len(self.missing),
+            "n_unreadable": len(self.unreadable),
+            "missing_first": self.missing[:20],
+            "unreadable": self.unreadable[:100],
+            "label_names": self.label_names,
+            "label_counts": {name: int((labels == i).sum()) for i, name in enumerate(self.label_names)},
+        }
+
+
+def read_metadata(csv_path: str | os.PathLike) -> pd.DataFrame:
+    """Reads and checks a HAM10000-style metadata CSV.
+
+    Args:
+      csv_path: the CSV (``lesion_id,image_id,dx,...``); ``image_id`` may end in ``.jpg``.
+
+    Returns:
+      The metadata with ``image_id`` stripped of any image suffix.
+
+    Raises:
+      DataError: a missing file or column, an empty id, a duplicate image_id or an
+        unknown dx value; the message names the file and the CSV row (1 = header).
+    """
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise DataError(f"metadata file not found: {csv_path}")
+    try:
+        frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as err:
+        raise DataError(f"{csv_path}: cannot parse as CSV: {err}") from None
+    frame.columns = [c.strip() for c in frame.columns]
+    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+    if missing:
+        raise DataError(f"{csv_path}: missing column(s) {missing}; found {list(frame.columns)}")
+    for column in REQUIRED_COLUMNS:
+        frame[column] = frame[column].str.strip()
+        empty = np.flatnonzero(frame[column].to_numpy() == "")
+        if len(empty):
+            raise DataError(f"{csv_path}: row {empty[0] + 2}: empty {column}")
+    frame["image_id"] = frame["image_id"].map(_strip_suffix)
+    frame["dx"] = frame["dx"].str.lower()
+    unknown = ~frame["dx"].isin(DX_CLASSES)
+    if unknown.any():
+        row = int(np.flatnonzero(unknown.to_numpy())[0])
+        raise DataError(f"{csv_path}: row {row + 2}: unknown dx value {frame['dx'].iloc[row]!r}; "
+                        f"expected one of {list(DX_CLASSES)}")
+    duplicated = frame["image_id"].duplicated()
+    if duplicated.any():
+        row = int(np.flatnonzero(duplicated.to_numpy())[0])
+        raise DataError(f"{csv_path}: row {row + 2}: duplicate image_id {frame['image_id'].iloc[row]!r}")
+    return frame
+
+
+def _strip_suffix(image_id: str) -> str:
+    lower = image_id.lower()
+    for suffix in IMAGE_SUFFIXES:
+        if lower.endswith(suffix):
+            return image_id[: -len(suffix)]
+    return image_id
+
+
+def find_images(root: str | os.PathLike, image_dirs: tuple[str, ...] | list[str] = ()) -> dict[str, Path]:
+    """Maps image_id -> file for every image under the given folders.
+
+    Args:
+      root: the dataset folder (holding the metadata CSV).
+      image_dirs: folders relative to root (or absolute). Empty: search all of
+        root, which covers both one ``images/`` folder and Kaggle's
+        ``HAM10000_images_part_1`` + ``HAM10000_images_part_2``.
+
+    Raises:
+      DataError: a named folder does not exist, or two files claim one image_id.
+    """
+    root = Path(root)
+    folders = [Path(d) if Path(d).is_absolute() else root / d for d in image_dirs] or [root]
+    found: dict[str, Path] = {}
+    for folder in folders:
+        if not folder.is_dir():
+            raise DataError(f"image folder not found: {folder} (data.image_dirs)")
+        for dirpath, _, filenames in os.walk(folder):
+            for name in filenames:
+                if not name.lower().endswith(IMAGE_SUFFIXES) or name.startswith("."):
+                    continue
+                image_id = _strip_suffix(name)
+                path = Path(dirpath) / name
+                if image_id in found and found[image_id] != path:
+                    raise DataError(f"image {image_id!r} found twice: {found[image_id]} and {path}")
+                found[image_id] = path
+    return found
+
+
+def find_unreadable_images(paths: list[str]) -> list[int]:
+    """Indices of files that TensorFlow's image decoder rejects.
+
+    Uses the decoder of the training pipeline, in parallel, so that whatever
+    passes here also decodes during training.
+    """
+    from melanoma_tf.backend import tf
+
+    if not paths:
+        return []
+    indices = tf.data.Dataset.range(len(paths))
+    files = tf.data.Dataset.from_tensor_slices(tf.constant(paths, dtype=tf.string))
+
+    def _decode(index, path):
+        image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+        # Touch the pixels so that truncated data fails here too.
+        return index, tf.reduce_min(tf.shape(image))
+
+    readable = (tf.data.Dataset.zip((indices, files))
+                .map(_decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+                .ignore_errors())
+    ok = {int(i) for i, _ in readable.as_numpy_iterator()}
+    return [i for i in range(len(paths)) if i not in ok]
+
+
+def label_frame(frame: pd.DataFrame, mode: str) -> tuple[pd.DataFrame, list[str]]:
+    """Adds the integer ``label`` column for ``binary`` (melanoma = 1) or ``multiclass`` mode."""
+    frame = frame.copy()
+    if mode == "binary":
+        frame["label"] = (frame["dx"] == MELANOMA).astype(np.int64)
+        return frame, ["not_melanoma", "melanoma"]
+    if mode == "multiclass":
+        frame["label"] = frame["dx"].map({dx: i for i, dx in enumerate(DX_CLASSES)}).astype(np.int64)
+        return frame, list(DX_CLASSES)
+    raise DataError(f"data.labels: unknown label mode {mode!r}")
+
+
+def load_lesion_data(root: str | os.PathLike, metadata: str = "HAM10000_metadata.csv",
+                     image_dirs: tuple[str, ...] = (), labels: str = "binary",
+                     on_missing: str = "skip", on_corrupt: str = "skip",
+                     check_decode: bool = True) -> LesionData:
+    """Reads the metadata, finds the images that exist and decode, and labels them.
+
+    Args:
+      root: dataset folder.
+      metadata: CSV file name relative to root (or absolute).
+      image_dirs: image folders (see :func:`find_images`).
+      labels: ``binary`` or ``multiclass``.
+      on_missing: ``skip`` (warn with the count and first ids) or ``error``.
+      on_corrupt: the same policy for files that do not decode.
+      check_decode: decode every image once now (the default) to find corrupt files.
+
+    Raises:
+      DataError: see :func:`read_metadata`; or missing/corrupt images under the
+        ``error`` policy; or no usable image at all.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data.root: folder not found: {root}")
+    csv_path = Path(metadata) if Path(metadata).is_absolute() else root / metadata
+    frame = read_metadata(csv_path)
+    n_listed = len(frame)
+    files = find_images(root, image_dirs)
+    frame["path"] = frame["image_id"].map(lambda i: str(files[i]) if i in files else "")
+    absent = frame["path"] == ""
+    missing = sorted(frame.loc[absent, "image_id"])
+    if missing:
+        message = (f"{len(missing)} of {n_listed} images listed in {csv_path} are not on disk "
+                   f"(first: {', '.join(missing[:5])})")
+        if on_missing == "error":
+            raise DataError(message + "; set data.on_missing: skip to train on the rest")
+        log.warning("%s; skipping them", message)
+    frame = frame.loc[~absent].sort_values("image_id").reset_index(drop=True)
+    unreadable: list[str] = []
+    if check_decode:
+        bad = find_unreadable_images(frame["path"].tolist())
+        unreadable = sorted(frame["image_id"].iloc[bad])
+        if unreadable:
+            message = (f"{len(unreadable)} image file(s) cannot be decoded (first: "
+                       f"{', '.join(frame['path'].iloc[bad[:3]])})")
+            if on_corrupt == "error":
+                raise DataError(message + "; set data.on_corrupt: skip to train on the rest")
+            log.warning("%s; skipping them", message)
+            frame = frame.drop(index=bad).reset_index(drop=True)
+    if frame.empty:
+        raise DataError(f"no usable image for the {n_listed} rows of {csv_path} under {root}")
+    frame, names = label_frame(frame, labels)
+    return LesionData(frame=frame, label_names=names, n_listed=n_listed, missing=missing,
+                      unreadable=unreadable, metadata_path=str(csv_path))
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def _grouped_folds(labels: np.ndarray, groups: np.ndarray, n_splits: int, seed: int) -> np.ndarray:
+    """Assigns each row a fold in [0, n_splits), stratified by label, grouped by lesion."""
+    n_groups = len(np.unique(groups))
+    if n_groups < n_splits:
+        raise DataError(f"only {n_groups} lesions: too few for {n_splits} stratified-grouped folds")
+    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    fold = np.full(len(labels), -1, dtype=np.int64)
+    # StratifiedGroupKFold warns when a class has fewer members than folds; with
+    # rare classes (df, vasc) that is expected and harmless here.
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        for index, (_, test) in enumerate(splitter.split(np.zeros(len(labels)), labels, groups)):
+            fold[test] = index
+    return fold
+
+
+def lesion_grouped_split(frame: pd.DataFrame, seed: int, holdout_fraction: float = 0.2,
+                         val_fraction: float = 0.2, folds: int = 0, fold: int = 0) -> pd.Series:
+    """Splits images into train / val / holdout, stratified by label and grouped by lesion.
+
+    The holdout is drawn first and depends only on the seed, so it never moves
+    between cross-validation folds. With ``folds = K >= 2`` the rest is cut into K
+    stratified-grouped folds and fold ``fold`` is the validation split; otherwise
+    ``val_fraction`` of the rest is the validation split.
+
+    Args:
+      frame: rows with ``image_id``, ``lesion_id``, ``label``.
+      seed: split seed; the same seed gives the same split on any machine.
+
+    Returns:
+      A Series of ``train|val|holdout`` aligned with frame's index.
+    """
+    order = np.argsort(frame["image_id"].to_numpy(), kind="stable")  # independent of row order
+    labels = frame["label"].to_numpy()[order]
+    groups = frame["lesion_id"].to_numpy()[order]
+    resolution = min(_SPLIT_RESOLUTION, len(np.unique(groups)))
+    holdout_folds = max(1, round(holdout_fraction * resolution))
+    split = np.full(len(order), "train", dtype=object)
+    split[_grouped_folds(labels, groups, resolution, seed) < holdout_folds] = "holdout"
+    rest = np.flatnonzero(split != "holdout")
+    if folds >= 2:
+        cv_fold = _grouped_folds(labels[rest], groups[rest], folds, seed + 1)
+        split[rest[cv_fold == fold]] = "val"
+    else:
+        val_folds = max(1, round(val_fraction * resolution))
+        inner = _grouped_folds(labels[rest], groups[rest], resolution, seed + 1)
+        split[rest[inner < val_folds]] = "val"
+    result = np.empty(len(order), dtype=object)
+    result[order] = split
+    return pd.Series(result, index=frame.index, name="split")
+
+
+def manifest_csv(frame: pd.DataFrame) -> str:
+    """The split manifest: ``image_id,lesion_id,label,split``, sorted by image_id."""
+    columns = ["image_id", "lesion_id", "label", "split"]
+    table = frame[columns].sort_values("image_id")
+    buffer = io.StringIO()
+    table.to_csv(buffer, index=False, lineterminator="\n")
+    return buffer.getvalue()
+
+
+def write_split_manifest(frame: pd.DataFrame, folder: str | os.PathLike, extra: dict | None = None) -> str:
+    """Writes ``splits.csv`` and ``splits.json`` (its sha256, counts, data summary).
+
+    Returns:
+      The sha256 of ``splits.csv``.
+    """
+    folder = Path(folder)
+    text = manifest_csv(frame)
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    write_atomic(folder / "splits.csv", text)
+    counts = {}
+    for name in SPLITS:
+        part = frame[frame["split"] == name]
+        label_counts = part["label"].value_counts().sort_index()
+        counts[name] = {"images": int(len(part)), "lesions": int(part["lesion_id"].nunique()),
+                        "label_counts": {int(k): int(v) for k, v in label_counts.items()}}
+    write_json(folder / "splits.json", {"sha256": digest, "counts": counts, **(extra or {})})
+    return digest
+
+
+def read_split_manifest(path: str | os.PathLike) -> pd.DataFrame:
+    """Reads a ``splits.csv`` written by :func:`write_split_manifest`."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"split manifest not found: {path}")
+    frame = pd.read_csv(path, dtype={"image_id": str, "lesion_id": str})
+    missing = [c for c in ("image_id", "lesion_id", "label", "split") if c not in frame.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}")
+    bad = ~frame["split"].isin(SPLITS)
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        raise DataError(f"{path}: row {row + 2}: unknown split {frame['split'].iloc[row]!r}")
+    return frame

@@ -1,0 +1,93 @@
+"""The Distiller: trains a student with a frozen teacher (or alone).
+
+Loss = alpha * student_loss(y, z_s) + (1 - alpha) * T^2 * KD(z_t / T, z_s / T).
+
+Without a teacher (and without cached teacher logits) the Distiller is plain
+supervised training of ``student``, which is how the ``teacher`` and
+``student`` stages run too: one training path, one set of loss trackers.
+The Distiller is never saved or quantized; ``student`` is.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from melanoma_tf.backend import keras, tf
+from melanoma_tf.losses import KD_LOSSES
+
+
+class Distiller(keras.Model):
+    """Knowledge distillation with an overridden ``compute_loss``.
+
+    Args:
+      student: the Functional model being trained (outputs logits).
+      student_loss: ``f(y, logits, sample_weight)``.
+      teacher: a Functional model (outputs logits); frozen here. May be None
+        when the inputs carry cached ``teacher_logits`` or when alpha is 1.
+      alpha: weight of the student loss in [0, 1].
+      temperature: KD temperature T > 0.
+      labels: ``binary`` (sigmoid KD on one logit) or ``multiclass`` (softmax KD).
+
+    Inputs are an image batch, or ``{"image": ..., "teacher_logits": ...}``
+    for offline KD with cached teacher outputs.
+    """
+
+    def __init__(self, student: keras.Model, student_loss: Callable, teacher: Optional[keras.Model] = None,
+                 alpha: float = 1.0, temperature: float = 1.0, labels: str = "binary", **kwargs):
+        super().__init__(**kwargs)
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"distill.alpha must be in [0, 1], got {alpha}")
+        if temperature <= 0:
+            raise ValueError(f"distill.temperature must be > 0, got {temperature}")
+        self.student = student
+        self.teacher = teacher
+        if teacher is not None:
+            teacher.trainable = False
+        self.student_loss_fn = student_loss
+        self.kd_loss_fn = KD_LOSSES[labels]
+        self.alpha = float(alpha)
+        self.temperature = float(temperature)
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.student_loss_tracker = keras.metrics.Mean(name="student_loss")
+        self.kd_loss_tracker = keras.metrics.Mean(name="kd_loss")
+
+    @property
+    def distilling(self) -> bool:
+        return self.alpha < 1.0
+
+    @property
+    def metrics(self):
+        trackers = [self.loss_tracker, self.student_loss_tracker]
+        return trackers + [self.kd_loss_tracker] if self.distilling else trackers
+
+    @staticmethod
+    def _image(inputs):
+        return inputs["image"] if isinstance(inputs, dict) else inputs
+
+    def call(self, inputs, training=False):
+        return self.student(self._image(inputs), training=training)
+
+    def teacher_logits(self, inputs) -> tf.Tensor:
+        """Cached logits from the inputs if present, else the frozen teacher's output."""
+        if isinstance(inputs, dict) and "teacher_logits" in inputs:
+            return tf.stop_gradient(tf.convert_to_tensor(inputs["teacher_logits"], tf.float32))
+        if self.teacher is None:
+            raise ValueError("distillation needs a teacher model or cached teacher_logits in the inputs")
+        return tf.stop_gradient(self.teacher(self._image(inputs), training=False))
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None):
+        student_term = self.student_loss_fn(y, y_pred, sample_weight=sample_weight)
+        total = student_term
+        if self.distilling:
+            kd_term = self.kd_loss_fn(self.teacher_logits(x), y_pred, self.temperature)
+            total = self.alpha * student_term + (1.0 - self.alpha) * self.temperature ** 2 * kd_term
+            self.kd_loss_tracker.update_state(kd_term)
+        regularization = self.student.losses
+        if regularization:
+            total = total + tf.add_n(regularization)
+        self.loss_tracker.update_state(total)
+        self.student_loss_tracker.update_state(student_term)
+        return total
+
+    def compute_metrics(self, x, y, y_pred, sample_weight):
+        return self.get_metrics_result()

@@ -1,0 +1,138 @@
+"""The ResNet50 teacher and the MobileNetV3-Small student.
+
+Both are Functional ``tf_keras`` models that take float RGB images in [0, 255],
+carry their own preprocessing, and output logits (one for binary melanoma,
+seven for multiclass HAM10000).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+from melanoma_tf.backend import keras, tf
+from melanoma_tf.config import ConfigError, StudentConfig, TeacherConfig
+
+# ResNet50's residual blocks, bottom to top; "finetune the top N blocks" counts from the end.
+RESNET50_BLOCKS = tuple(
+    f"conv{stage}_block{block}" for stage, n in ((2, 3), (3, 4), (4, 6), (5, 3)) for block in range(1, n + 1))
+# ImageNet channel means in BGR order, as keras.applications.resnet50.preprocess_input ("caffe") uses.
+_CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+
+
+@keras.utils.register_keras_serializable(package="melanoma_tf")
+class CaffePreprocess(keras.layers.Layer):
+    """RGB [0, 255] -> BGR with the ImageNet mean subtracted (ResNet50's own input format)."""
+
+    def call(self, inputs):
+        bgr = tf.reverse(inputs, axis=[-1])
+        return bgr - tf.constant(_CAFFE_MEAN_BGR, dtype=inputs.dtype)
+
+    def get_config(self):
+        return super().get_config()
+
+
+def _resolve_weights(weights: Optional[str], key: str) -> Optional[str]:
+    if weights is None or weights == "imagenet":
+        return weights
+    path = Path(os.path.expanduser(weights))
+    if not path.is_file():
+        raise ConfigError(f"{key}: weights file not found: {path} (use imagenet, null or a file)")
+    return str(path)
+
+
+def set_batchnorm_momentum(model: keras.Model, momentum: float) -> int:
+    """Sets every BatchNormalization layer's momentum; returns how many were changed.
+
+    Keras's MobileNetV3 hard-codes 0.999, which adapts the moving statistics too
+    slowly for a few thousand images trained from scratch: measured here the
+    validation AUC stayed at 0.5 for 7 epochs, against 0.84 after one with 0.9.
+    """
+    count = 0
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = momentum
+            count += 1
+    return count
+
+
+def build_teacher(cfg: TeacherConfig, image_size: int, num_outputs: int = 1) -> keras.Model:
+    """ResNet50 with caffe preprocessing, global average pooling, dropout and a logit head.
+
+    Args:
+      cfg: teacher settings; ``weights`` is ``imagenet``, null, or a backbone
+        weights file (Keras's ``*_notop.h5``); ``mode: frozen`` freezes the backbone.
+      image_size: input side.
+      num_outputs: 1 (binary) or 7 (multiclass).
+    """
+    weights = _resolve_weights(cfg.weights, "teacher.weights")
+    image = keras.Input((image_size, image_size, 3), name="image")
+    x = CaffePreprocess(name="resnet_preprocess")(image)
+    backbone = keras.applications.ResNet50(include_top=False, weights=weights, input_tensor=x)
+    set_batchnorm_momentum(backbone, cfg.bn_momentum)
+    if cfg.mode == "frozen":
+        for layer in backbone.layers:
+            layer.trainable = False
+    features = keras.layers.GlobalAveragePooling2D(name="avg_pool")(backbone.output)
+    features = keras.layers.Dropout(cfg.dropout, name="head_dropout")(features)
+    logits = keras.layers.Dense(num_outputs, kernel_initializer="he_normal", name="logits")(features)
+    return keras.Model(image, logits, name="teacher_resnet50")
+
+
+def unfreeze_top_blocks(model: keras.Model, n_blocks: int) -> list[str]:
+    """Makes the top ``n_blocks`` residual blocks of a teacher trainable.
+
+    BatchNormalization layers stay frozen (inference mode), the usual practice
+    when fine-tuning at a low learning rate on a small dataset.
+
+    Returns:
+      The names of the unfrozen blocks.
+    """
+    blocks = list(RESNET50_BLOCKS[len(RESNET50_BLOCKS) - n_blocks:]) if n_blocks else []
+    for layer in model.layers:
+        if any(layer.name.startswith(b + "_") for b in blocks):
+            layer.trainable = not isinstance(layer, keras.layers.BatchNormalization)
+    return blocks
+
+
+def build_student(cfg: StudentConfig, image_size: int, num_outputs: int = 1) -> keras.Model:
+    """MobileNetV3-Small with its own input scaling, avg/max pooling, dropout and a He-initialised head.
+
+    Args:
+      cfg: student settings (``minimalistic``, width ``alpha``, ``pooling``,
+        ``dropout``, ``head_units``, ``bn_momentum``, ``weights``).
+      image_size: input side.
+      num_outputs: 1 (binary) or 7 (multiclass).
+    """
+    weights = _resolve_weights(cfg.weights, "student.weights")
+    image = keras.Input((image_size, image_size, 3), name="image")
+    backbone = keras.applications.MobileNetV3Small(
+        input_tensor=image, alpha=cfg.alpha, minimalistic=cfg.minimalistic, include_top=False,
+        weights=weights, include_preprocessing=True)
+    set_batchnorm_momentum(backbone, cfg.bn_momentum)
+    pool = keras.layers.GlobalAveragePooling2D if cfg.pooling == "avg" else keras.layers.GlobalMaxPooling2D
+    x = pool(name=f"{cfg.pooling}_pool")(backbone.output)
+    if cfg.head_units:
+        x = keras.layers.Dense(cfg.head_units, activation="relu", kernel_initializer="he_normal",
+                               name="head_hidden")(x)
+    x = keras.layers.Dropout(cfg.dropout, name="head_dropout")(x)
+    logits = keras.layers.Dense(num_outputs, kernel_initializer="he_normal", name="logits")(x)
+    return keras.Model(image, logits, name="student_mobilenetv3small")
+
+
+def load_model(path: str | os.PathLike) -> keras.Model:
+    """Loads a ``.keras`` model saved by melanoma_tf (custom layers registered on import)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file not found: {path}")
+    return keras.models.load_model(path, compile=False)
+
+
+def save_model(model: keras.Model, path: str | os.PathLike) -> None:
+    """Saves a ``.keras`` file atomically (write beside, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.keras")
+    model.save(tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,124 @@
+"""The tf.data input pipeline: decode, resize, cache, shuffle, batch, augment, prefetch.
+
+Images leave the pipeline as float32 RGB in [0, 255]; every model carries its
+own preprocessing, so a teacher and a student can share one batch. Decoded
+images are cached as uint8 (a quarter of the float32 memory). keras-cv
+augmentation runs on training batches only, outside the models.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+from sklearn.utils.class_weight import compute_class_weight
+
+from melanoma_tf.backend import keras, tf
+from melanoma_tf.config import AugmentConfig
+
+
+def decode_and_resize(path: tf.Tensor, image_size: int) -> tf.Tensor:
+    """Reads one image file to a uint8 ``image_size x image_size x 3`` tensor."""
+    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    image = tf.image.resize(image, (image_size, image_size), method="bilinear", antialias=True)
+    return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+
+
+def build_augmenter(cfg: AugmentConfig, seed: int) -> Optional[keras.Sequential]:
+    """keras-cv augmentation for float images in [0, 255]; None when everything is off."""
+    import keras_cv
+
+    layers = []
+    if cfg.flip:
+        layers.append(keras_cv.layers.RandomFlip("horizontal_and_vertical", seed=seed))
+    if cfg.rotation > 0:
+        layers.append(keras_cv.layers.RandomRotation(cfg.rotation, fill_mode="reflect", seed=seed + 1))
+    if cfg.zoom > 0:
+        layers.append(keras_cv.layers.RandomZoom((-cfg.zoom, cfg.zoom), fill_mode="reflect", seed=seed + 2))
+    if cfg.translate > 0:
+        layers.append(keras_cv.layers.RandomTranslation(cfg.translate, cfg.translate, fill_mode="reflect",
+                                                        seed=seed + 3))
+    if any(v > 0 for v in (cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue)):
+        # keras-cv's saturation factor 0.5 is the identity; hue is a fraction of the colour wheel.
+        layers.append(keras_cv.layers.RandomColorJitter(
+            value_range=(0, 255),
+            brightness_factor=(-cfg.brightness, cfg.brightness),
+            contrast_factor=(max(0.0, 0.5 - cfg.contrast), min(1.0, 0.5 + cfg.contrast)) if cfg.contrast else 0.5,
+            saturation_factor=(0.5 - cfg.saturation, 0.5 + cfg.saturation),
+            hue_factor=(0.0, cfg.hue),
+            seed=seed + 4))
+    if cfg.rand_augment:
+        layers.append(keras_cv.layers.RandAugment(value_range=(0, 255), augmentations_per_image=2,
+                                                  magnitude=cfg.rand_augment_magnitude, seed=seed + 5))
+    if not layers:
+        return None
+    return keras.Sequential(layers, name="augment")
+
+
+def class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Balanced class weights (n / (k * count)) from the training labels."""
+    labels = np.asarray(labels)
+    present = np.unique(labels)
+    weights = np.ones(num_classes, dtype=np.float32)
+    weights[present] = compute_class_weight("balanced", classes=present, y=labels)
+    return weights
+
+
+def make_dataset(paths: list[str], labels: np.ndarray, image_size: int, batch_size: int, *,
+                 binary: bool = True, training: bool = False, sample_weights: Optional[np.ndarray] = None,
+                 teacher_logits: Optional[np.ndarray] = None, augmenter: Optional[keras.layers.Layer] = None,
+                 cache: str = "memory", seed: int = 0, shuffle: Optional[bool] = None) -> tf.data.Dataset:
+    """Builds a batched dataset of ``(inputs, label, sample_weight)``.
+
+    Args:
+      paths: image files.
+      labels: integer labels, aligned with paths.
+      image_size: output side in pixels.
+      batch_size: batch size.
+      binary: labels as float ``(batch, 1)`` (binary) or int ``(batch,)`` (multiclass).
+      training: shuffle and augment.
+      sample_weights: per-image loss weights (class weights); ones if None.
+      teacher_logits: cached teacher outputs per image; inputs become a dict
+        ``{"image": ..., "teacher_logits": ...}`` (offline KD, augmentation-free logits).
+      augmenter: a keras-cv pipeline applied to training batches.
+      cache: ``memory``, ``none``, or a file prefix for an on-disk cache.
+      seed: shuffle seed.
+      shuffle: override the shuffling implied by ``training``.
+
+    Returns:
+      A prefetched ``tf.data.Dataset``.
+    """
+    n = len(paths)
+    labels = np.asarray(labels)
+    label_tensor = labels.astype(np.float32).reshape(-1, 1) if binary else labels.astype(np.int32)
+    weights = (np.ones(n, np.float32) if sample_weights is None else np.asarray(sample_weights, np.float32))
+    images = tf.data.Dataset.from_tensor_slices(tf.constant(list(paths), dtype=tf.string)).map(
+        lambda p: decode_and_resize(p, image_size), num_parallel_calls=tf.data.AUTOTUNE)
+    if cache == "memory":
+        images = images.cache()
+    elif cache and cache != "none":
+        images = images.cache(f"{cache}_{image_size}")
+    parts = [images, tf.data.Dataset.from_tensor_slices(label_tensor),
+             tf.data.Dataset.from_tensor_slices(weights)]
+    if teacher_logits is not None:
+        parts.append(tf.data.Dataset.from_tensor_slices(np.asarray(teacher_logits, np.float32)))
+    ds = tf.data.Dataset.zip(tuple(parts))
+    if training if shuffle is None else shuffle:
+        ds = ds.shuffle(n, seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size)
+
+    def _to_float(image, *rest):
+        return (tf.cast(image, tf.float32), *rest)
+
+    ds = ds.map(_to_float, num_parallel_calls=tf.data.AUTOTUNE)
+    if training and augmenter is not None:
+        def _augment(image, *rest):
+            return (augmenter(image, training=True), *rest)
+
+        ds = ds.map(_augment, num_parallel_calls=tf.data.AUTOTUNE)
+
+    def _pack(image, label, weight, *logits):
+        inputs = {"image": image, "teacher_logits": logits[0]} if logits else image
+        return inputs, label, weight
+
+    return ds.map(_pack, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)

@@ -1,0 +1,410 @@
+"""Train the teacher, the student, or distil the teacher into the student.
+
+    python -m melanoma_tf.train --config configs/quickstart.yaml [--set key=value ...] [--resume [RUN_DIR]]
+
+A run folder (``output.dir/<name>-<timestamp>``) holds the resolved config,
+the split manifest, TensorBoard logs, ``history.csv``, the best weights, the
+final ``model.keras`` and ``metrics.json``; a chained run (several
+``stages``) has one such sub-folder per stage. ``--resume`` continues the
+newest run of the same config (or the named folder) from its last completed
+epoch; finished stages are not run again. The last line printed is
+``run: <run folder>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+
+from melanoma_tf import config as cfgmod
+from melanoma_tf import data as datamod
+from melanoma_tf import synthetic
+from melanoma_tf.config import Config, ConfigError
+from melanoma_tf.files import write_json
+
+log = logging.getLogger("melanoma_tf.train")
+
+
+@dataclass
+class PreparedData:
+    """Usable images with their split, plus what the reader found."""
+
+    frame: pd.DataFrame  # image_id, lesion_id, label, path, split, metadata columns
+    label_names: list[str]
+    summary: dict
+
+    def part(self, split: str) -> pd.DataFrame:
+        return self.frame[self.frame["split"] == split].reset_index(drop=True)
+
+
+def dataset_root(cfg: Config) -> Path:
+    """``data.root``, or the built-in synthetic dataset (generated on first use)."""
+    if cfg.data.root:
+        return Path(cfg.data.root).expanduser()
+    syn = cfg.data.synthetic
+    params = dict(n_lesions=syn.n_lesions, melanoma_fraction=syn.melanoma_fraction,
+                  image_size=syn.image_size, second_image_fraction=syn.second_image_fraction, seed=cfg.seed)
+    folder = synthetic.default_dir(syn.dir, **params)
+    log.info("data.root is null: using the synthetic dataset in %s", folder)
+    return synthetic.generate(folder, **params)
+
+
+def prepare_data(cfg: Config) -> PreparedData:
+    """Reads the metadata and images, labels them and assigns the lesion-grouped split."""
+    d = cfg.data
+    lesions = datamod.load_lesion_data(dataset_root(cfg), d.metadata, d.image_dirs, d.labels,
+                                       d.on_missing, d.on_corrupt)
+    frame = lesions.frame
+    frame["split"] = datamod.lesion_grouped_split(frame, cfg.seed, d.holdout_fraction, d.val_fraction,
+                                                  d.folds, d.fold)
+    for split in ("train", "val"):
+        labels = frame.loc[frame["split"] == split, "label"]
+        if labels.nunique() < 2:
+            raise datamod.DataError(f"the {split} split has only one class ({len(labels)} images); "
+                                    "more data or a different split fraction is needed")
+    return PreparedData(frame, lesions.label_names, lesions.summary())
+
+
+# --------------------------------------------------------------------------- run folders
+
+
+def new_run_dir(cfg: Config) -> Path:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    base = Path(cfg.output.dir) / f"{cfg.output.name}-{stamp}"
+    run_dir, n = base, 1
+    while run_dir.exists():
+        n += 1
+        run_dir = base.with_name(f"{base.name}-{n}")
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+def find_resumable(cfg: Config, explicit: Optional[str]) -> Path:
+    """The run folder to resume: the named one, or the newest of this config's name.
+
+    Raises:
+      ConfigError: no such run, or its saved config differs from this one.
+    """
+    if explicit:
+        run_dir = Path(explicit)
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"--resume {run_dir}: not a run folder (no config.yaml)")
+    else:
+        candidates = sorted(p for p in Path(cfg.output.dir).glob(f"{cfg.output.name}-*")
+                            if (p / "config.yaml").is_file())
+        if not candidates:
+            raise ConfigError(f"--resume: no earlier run named {cfg.output.name!r} in {cfg.output.dir}")
+        run_dir = candidates[-1]
+    saved = cfgmod.load(run_dir / "config.yaml")
+    if cfgmod.fingerprint(saved) != cfgmod.fingerprint(cfg):
+        old, new = _flatten(cfgmod.to_dict(saved)), _flatten(cfgmod.to_dict(cfg))
+        diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and not k.startswith("output.")
+                and k != "train.verbose"]
+        raise ConfigError(f"--resume {run_dir}: the config differs from the run's in {diff}")
+    return run_dir
+
+
+def _flatten(values: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+# --------------------------------------------------------------------------- one stage
+
+
+def _stage_model(stage: str, cfg: Config, image_size: int):
+    from melanoma_tf import models
+
+    if stage == "teacher":
+        return models.build_teacher(cfg.teacher, image_size, cfg.num_outputs)
+    return models.build_student(cfg.student, image_size, cfg.num_outputs)
+
+
+def _phases(stage: str, cfg: Config) -> list[dict]:
+    """Training phases of a stage: [{name, epochs, lr}] run one after the other."""
+    if stage != "teacher":
+        return [{"name": "train", "epochs": cfg.train.epochs, "lr": cfg.train.lr}]
+    t = cfg.teacher
+    phases = [{"name": "head" if t.mode == "frozen" else "train",
+               "epochs": cfg.train.epochs if t.epochs is None else t.epochs,
+               "lr": cfg.train.lr if t.lr is None else t.lr}]
+    if t.mode == "frozen" and t.finetune_epochs and t.finetune_blocks:
+        phases.append({"name": "finetune", "epochs": t.finetune_epochs, "lr": t.finetune_lr})
+    return [p for p in phases if p["epochs"] > 0]
+
+
+def _optimizer(cfg: Config, lr: float, epochs: int, steps_per_epoch: int):
+    from melanoma_tf.backend import keras
+
+    t = cfg.train
+    if t.lr_schedule == "cosine":
+        total = max(1, epochs * steps_per_epoch)
+        warmup = t.warmup_epochs * steps_per_epoch
+        rate = keras.optimizers.schedules.CosineDecay(
+            initial_learning_rate=0.0 if warmup else lr, decay_steps=max(1, total - warmup),
+            alpha=0.01, warmup_target=lr if warmup else None, warmup_steps=warmup)
+    else:
+        rate = lr
+    if t.weight_decay:
+        return keras.optimizers.AdamW(learning_rate=rate, weight_decay=t.weight_decay)
+    return keras.optimizers.Adam(learning_rate=rate)
+
+
+def _loss_fn(cfg: Config, class_weights: np.ndarray):
+    from melanoma_tf import losses
+
+    return losses.student_loss(cfg.loss.name, cfg.data.labels, pos_weight=cfg.loss.pos_weight,
+                               gamma=cfg.loss.gamma, focal_alpha=cfg.loss.focal_alpha,
+                               class_weights=class_weights)
+
+
+def resolve_teacher_path(path: str) -> Path:
+    """A teacher ``.keras`` file, or a run folder holding ``model.keras`` or ``teacher/model.keras``."""
+    p = Path(path).expanduser()
+    for candidate in (p, p / "model.keras", p / "teacher" / "model.keras"):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"distill.teacher: no teacher model at {p} (expected a .keras file or a run folder)")
+
+
+def _fit_teacher_to_size(teacher, image_size: int):
+    """Wraps a teacher built for another input size with a resize, so it can share the student's batch."""
+    from melanoma_tf.backend import keras
+
+    size = teacher.input_shape[1]
+    if size == image_size:
+        return teacher
+    log.info("teacher input is %dpx, data is %dpx: resizing inside the teacher", size, image_size)
+    image = keras.Input((image_size, image_size, 3), name="image")
+    resized = keras.layers.Resizing(size, size, name="teacher_resize")(image)
+    return keras.Model(image, teacher(resized, training=False), name=f"{teacher.name}_resized")
+
+
+def cache_teacher_logits(teacher, data: PreparedData, cfg: Config, folder: Path) -> np.ndarray:
+    """Teacher logits for every training image, without augmentation (offline KD).
+
+    Stored as ``teacher_logits.npz`` (image_id, logits) in the stage folder and
+    reused on resume when the image ids match.
+    """
+    from melanoma_tf.pipeline import make_dataset
+
+    train = data.part("train")
+    path = folder / "teacher_logits.npz"
+    if path.is_file():
+        saved = np.load(path, allow_pickle=False)
+        if list(saved["image_id"]) == train["image_id"].tolist():
+            return saved["logits"]
+    ds = make_dataset(train["path"].tolist(), train["label"].to_numpy(), cfg.data.image_size,
+                      cfg.train.batch_size, binary=cfg.data.labels == "binary", cache="none")
+    start = time.time()
+    logits = teacher.predict(ds.map(lambda x, y, w: x), verbose=0)
+    log.info("cached teacher logits for %d training images in %.1fs", len(train), time.time() - start)
+    tmp = folder / ".teacher_logits.tmp.npz"
+    np.savez(tmp, image_id=np.array(train["image_id"].tolist()), logits=logits)
+    tmp.replace(path)
+    return logits
+
+
+def train_stage(stage: str, cfg: Config, data: PreparedData, folder: Path, teacher_path: Optional[Path] = None,
+                resume: bool = False) -> dict:
+    """Trains one stage in ``folder`` and returns its metrics.
+
+    Args:
+      stage: ``teacher``, ``student`` or ``distill``.
+      cfg: the resolved config.
+      data: the split data.
+      folder: the stage's run folder (config, splits, checkpoints, model).
+      teacher_path: the teacher ``.keras`` for ``distill``.
+      resume: continue from ``folder/state.json`` if present.
+    """
+    from melanoma_tf import callbacks as cb
+    from melanoma_tf import models
+    from melanoma_tf.backend import keras, set_global_seed
+    from melanoma_tf.distiller import Distiller
+    from melanoma_tf.pipeline import build_augmenter, class_weights, make_dataset
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if (folder / "metrics.json").is_file() and resume:
+        log.info("stage %s already finished in %s", stage, folder)
+        import json
+
+        return json.loads((folder / "metrics.json").read_text())
+    cfgmod.save(cfg, folder / "config.yaml")
+    digest = datamod.write_split_manifest(data.frame, folder, {"data": data.summary, "seed": cfg.seed})
+    set_global_seed(cfg.seed)
+
+    binary = cfg.data.labels == "binary"
+    train, val = data.part("train"), data.part("val")
+    weights_per_class = class_weights(train["label"].to_numpy(), cfg.num_outputs if not binary else 2)
+    sample_weights = (weights_per_class[train["label"].to_numpy()] if cfg.data.class_weight == "balanced"
+                      else None)
+    loss_fn = _loss_fn(cfg, weights_per_class)
+    batch = cfg.train.batch_size
+    size = cfg.data.image_size
+
+    student = _stage_model(stage, cfg, size)
+    teacher, cached = None, None
+    alpha = 1.0
+    if stage == "distill":
+        teacher = _fit_teacher_to_size(models.load_model(teacher_path), size)
+        alpha = cfg.distill.alpha
+        if cfg.distill.teacher_outputs == "cached":
+            cached = cache_teacher_logits(teacher, data, cfg, folder)
+            teacher = None  # the cached logits replace the teacher's forward pass
+    augmenter = build_augmenter(cfg.data.augment, cfg.seed)
+    train_ds = make_dataset(train["path"].tolist(), train["label"].to_numpy(), size, batch, binary=binary,
+                            training=True, sample_weights=sample_weights, teacher_logits=cached,
+                            augmenter=augmenter, cache=cfg.data.cache, seed=cfg.seed)
+    steps = math.ceil(len(train) / batch)
+    if cfg.train.steps_per_epoch:
+        steps = min(steps, cfg.train.steps_per_epoch)
+        train_ds = train_ds.take(steps)
+    val_ds = make_dataset(val["path"].tolist(), val["label"].to_numpy(), size, batch, binary=binary,
+                          cache=cfg.data.cache)
+    val_images = val_ds.map(lambda x, y, w: x)
+
+    state = cb.load_state(folder) if resume else {}
+    if not resume:
+        for stale in ("state.json", "history.csv", "best.weights.h5"):
+            (folder / stale).unlink(missing_ok=True)
+    start_epoch = int(state.get("epoch", 0))
+    if start_epoch:
+        log.info("resuming stage %s from epoch %d (phase %s)", stage, start_epoch, state.get("phase"))
+
+    phase_start = 0
+    for phase in _phases(stage, cfg):
+        phase_end = phase_start + phase["epochs"]
+        if start_epoch >= phase_end or state.get("stopped_phase") == phase["name"]:
+            phase_start = phase_end
+            continue
+        if phase["name"] == "finetune":
+            if (folder / "best.weights.h5").is_file():  # fine-tune from the best head, not the last
+                student.load_weights(str(folder / "best.weights.h5"))
+            for layer in student.layers:
+                layer.trainable = False
+            unfrozen = models.unfreeze_top_blocks(student, cfg.teacher.finetune_blocks)
+            for name in ("avg_pool", "head_dropout", "logits"):
+                student.get_layer(name).trainable = True
+            log.info("fine-tuning the top %d blocks: %s", len(unfrozen), ", ".join(unfrozen))
+        optimizer = _optimizer(cfg, phase["lr"], phase["epochs"], steps)
+        trainer = Distiller(student, loss_fn, teacher=teacher, alpha=alpha,
+                            temperature=cfg.distill.temperature, labels=cfg.data.labels)
+        trainer.compile(optimizer=optimizer)
+        if start_epoch > phase_start:  # mid-phase: model and optimizer state
+            cb.restore_checkpoint(folder, state, student, optimizer)
+        elif start_epoch:  # at a phase boundary: the model only, fresh optimizer
+            cb.restore_checkpoint(folder, state, student)
+        callbacks = [cb.ValidationMetrics(student, val_images, val["label"].to_numpy(), loss_fn, cfg.data.labels)]
+        if cfg.train.lr_schedule == "plateau":
+            callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor=cb.MONITOR, mode="max", factor=0.5,
+                                                               patience=2, min_lr=phase["lr"] / 100))
+        checkpoint = cb.EpochCheckpoint(folder, student, optimizer, phase["name"],
+                                        cfg.train.early_stopping_patience)
+        callbacks += [checkpoint, keras.callbacks.TensorBoard(str(folder / "tensorboard"), write_graph=False,
+                                                              profile_batch=0)]
+        trainer.fit(train_ds, epochs=phase_end, initial_epoch=max(start_epoch, phase_start),
+                    callbacks=callbacks, verbose=cfg.train.verbose)
+        state = checkpoint.state
+        start_epoch = int(state.get("epoch", start_epoch))
+        phase_start = phase_end
+
+    state = cb.load_state(folder)
+    if (folder / "best.weights.h5").is_file():
+        student.load_weights(str(folder / "best.weights.h5"))
+    models.save_model(student, folder / "model.keras")
+    history = state.get("history", [])
+    best = next((row for row in history if row["epoch"] == state.get("best_epoch")), history[-1] if history else {})
+    result = {
+        "stage": stage,
+        "val_roc_auc": best.get("val_roc_auc"),
+        "val_pr_auc": best.get("val_pr_auc"),
+        "val_loss": best.get("val_loss"),
+        "best_epoch": state.get("best_epoch"),
+        "epochs_run": len(history),
+        "seconds_per_epoch_median": float(np.median([r["seconds"] for r in history])) if history else None,
+        "n_train": int(len(train)),
+        "n_val": int(len(val)),
+        "params": int(student.count_params()),
+        "splits_sha256": digest,
+    }
+    if "val_bma" in best:
+        result["val_bma"] = best["val_bma"]
+    write_json(folder / "metrics.json", result)
+    return result
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def run(cfg: Config, resume: bool = False, resume_dir: Optional[str] = None) -> Path:
+    """Runs every stage of the config; returns the run folder."""
+    if resume:
+        run_dir = find_resumable(cfg, resume_dir)
+    data = prepare_data(cfg)  # bad data fails here, before a run folder is made
+    teacher_path = resolve_teacher_path(cfg.distill.teacher) if cfg.distill.teacher else None
+    if not resume:
+        run_dir = new_run_dir(cfg)
+    log.info("run folder: %s", run_dir)
+    cfgmod.save(cfg, run_dir / "config.yaml")
+    summary = data.summary
+    log.info("data: %d usable images of %d listed (%d missing, %d unreadable); split %s",
+             summary["n_images"], summary["n_listed"], summary["n_missing"], summary["n_unreadable"],
+             data.frame["split"].value_counts().to_dict())
+    chained = len(cfg.stages) > 1
+    if chained:
+        datamod.write_split_manifest(data.frame, run_dir, {"data": summary, "seed": cfg.seed})
+    results = {}
+    for stage in cfg.stages:
+        folder = run_dir / stage if chained else run_dir
+        if stage == "distill" and teacher_path is None:
+            teacher_path = run_dir / "teacher" / "model.keras"
+        print(f"== stage {stage} -> {folder}", flush=True)
+        results[stage] = train_stage(stage, cfg, data, folder, teacher_path, resume)
+        print(f"== stage {stage}: val ROC-AUC {results[stage]['val_roc_auc']:.4f}, "
+              f"PR-AUC {results[stage]['val_pr_auc']:.4f}", flush=True)
+    if chained:
+        write_json(run_dir / "metrics.json", {"stages": results,
+                                              **{f"{k}_val_roc_auc": v["val_roc_auc"] for k, v in results.items()}})
+    return run_dir
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m melanoma_tf.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="experiment YAML (configs/*.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set train.epochs=3 (repeatable)")
+    parser.add_argument("--resume", nargs="?", const="", default=None, metavar="RUN_DIR",
+                        help="continue the newest run of this config (or RUN_DIR) from its last completed epoch")
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = cfgmod.load(args.config, args.overrides)
+        run_dir = run(cfg, resume=args.resume is not None, resume_dir=args.resume or None)
+    except (ConfigError, datamod.DataError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"run: {run_dir}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""Shared fixtures: a small synthetic HAM10000-layout dataset and the real shared subset."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_HAM = Path(os.environ.get("MELANOMA_TF_HAM10000", REPO.parent / "shared" / "data" / "ham10000"))
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    """A 160-lesion synthetic dataset at 48 px (some lesions with two images)."""
+    from melanoma_tf import synthetic
+
+    return synthetic.generate(tmp_path_factory.mktemp("synthetic"), n_lesions=160, melanoma_fraction=0.3,
+                              image_size=48, second_image_fraction=0.25, seed=7)
+
+
+@pytest.fixture(scope="session")
+def ham_root() -> Path:
+    """The shared HAM10000 subset; tests using it skip, with the reason, when it is absent."""
+    if not (SHARED_HAM / "HAM10000_metadata.csv").is_file():
+        pytest.skip(f"real HAM10000 data not found at {SHARED_HAM} (set MELANOMA_TF_HAM10000)")
+    return SHARED_HAM
+
+
+def tiny_overrides(root: Path, out: Path, **extra) -> list[str]:
+    """--set overrides for a fast run: 32 px, minimalistic narrow student, 2 epochs, quiet."""
+    values = {
+        "data.root": str(root), "data.image_size": 32, "data.augment.rotation": 0.0,
+        "student.minimalistic": True, "student.alpha": 0.75,
+        "train.epochs": 2, "train.batch_size": 32, "train.verbose": 0, "output.dir": str(out),
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]

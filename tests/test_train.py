@@ -1,0 +1,182 @@
+"""The train command: run folder contract, chained stages, errors, resume after a kill, learnability."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import REPO, tiny_overrides
+from melanoma_tf import config as C
+from melanoma_tf import synthetic
+from melanoma_tf import train as T
+
+QUICKSTART = REPO / "configs" / "quickstart.yaml"
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1"}
+
+
+def cli(args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "melanoma_tf.train", *args], cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=900, **kwargs)
+
+
+def sets(overrides):
+    out = []
+    for item in overrides:
+        out += ["--set", item]
+    return out
+
+
+def check_stage_folder(folder: Path, epochs: int):
+    for name in ("config.yaml", "splits.csv", "splits.json", "history.csv", "metrics.json", "model.keras",
+                 "best.weights.h5", "state.json"):
+        assert (folder / name).is_file(), f"{folder}/{name} missing"
+    assert (folder / "tensorboard").is_dir()
+    splits = pd.read_csv(folder / "splits.csv")
+    assert list(splits.columns) == ["image_id", "lesion_id", "label", "split"]
+    assert set(splits["split"]) == {"train", "val", "holdout"}
+    assert (splits.groupby("lesion_id")["split"].nunique() == 1).all()
+    history = pd.read_csv(folder / "history.csv")
+    assert history["epoch"].tolist() == list(range(1, epochs + 1))
+    assert {"loss", "val_roc_auc", "val_pr_auc", "val_loss", "seconds", "lr"} <= set(history.columns)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert 0.0 <= metrics["val_roc_auc"] <= 1.0 and 0.0 <= metrics["val_pr_auc"] <= 1.0
+    best = history.loc[history["val_roc_auc"].idxmax()]
+    assert metrics["val_roc_auc"] == pytest.approx(best["val_roc_auc"])
+    assert metrics["best_epoch"] == int(best["epoch"])
+    return splits, history, metrics
+
+
+@pytest.mark.slow
+def test_chained_run_cli_contract(synthetic_root, tmp_path):
+    overrides = tiny_overrides(synthetic_root, tmp_path, **{"teacher.epochs": 1, "distill.teacher_outputs": "cached"})
+    result = cli(["--config", str(QUICKSTART), *sets(overrides)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("run: ")
+    run_dir = Path(last[len("run: "):])
+    assert run_dir.parent == tmp_path and run_dir.name.startswith("quickstart-")
+    resolved = C.load(run_dir / "config.yaml")
+    assert resolved.data.image_size == 32 and resolved.train.epochs == 2 and resolved.stages == (
+        "teacher", "student", "distill")
+    hashes = set()
+    for stage, epochs in (("teacher", 1), ("student", 2), ("distill", 2)):
+        splits, _, metrics = check_stage_folder(run_dir / stage, epochs)
+        hashes.add(metrics["splits_sha256"])
+    assert len(hashes) == 1, "every stage must train on the same split"
+    assert (run_dir / "distill" / "teacher_logits.npz").is_file()
+    top = json.loads((run_dir / "metrics.json").read_text())
+    assert set(top["stages"]) == {"teacher", "student", "distill"}
+    from melanoma_tf.models import load_model
+
+    teacher = load_model(run_dir / "teacher" / "model.keras")
+    student = load_model(run_dir / "distill" / "model.keras")
+    assert teacher.count_params() > 10 * student.count_params()
+
+
+def test_cli_errors_exit_nonzero_and_name_the_problem(tmp_path, synthetic_root):
+    bad_key = cli(["--config", str(QUICKSTART), "--set", "train.epoch=3"])
+    assert bad_key.returncode != 0 and "train.epoch" in bad_key.stderr and "train.epochs" in bad_key.stderr
+    bad_root = cli(["--config", str(QUICKSTART), "--set", f"data.root={tmp_path / 'nowhere'}",
+                    "--set", f"output.dir={tmp_path}"])
+    assert bad_root.returncode != 0 and "nowhere" in bad_root.stderr
+    missing = cli(["--config", str(tmp_path / "none.yaml")])
+    assert missing.returncode != 0 and "none.yaml" in missing.stderr
+    no_run = cli(["--config", str(QUICKSTART), "--resume", "--set", f"output.dir={tmp_path}"])
+    assert no_run.returncode != 0 and "no earlier run" in no_run.stderr
+
+
+def test_resume_refuses_a_different_config(synthetic_root, tmp_path):
+    cfg = C.from_dict({"data": {"root": str(synthetic_root)}, "output": {"dir": str(tmp_path), "name": "x"}})
+    run_dir = T.new_run_dir(cfg)
+    C.save(cfg, run_dir / "config.yaml")
+    assert T.find_resumable(cfg, None) == run_dir
+    changed = C.replace(cfg, "train.lr", 0.5)
+    with pytest.raises(C.ConfigError, match=r"train\.lr"):
+        T.find_resumable(changed, None)
+    assert T.find_resumable(C.replace(cfg, "train.verbose", 0), str(run_dir)) == run_dir
+
+
+@pytest.mark.slow
+def test_resume_after_kill_mid_training(synthetic_root, tmp_path):
+    epochs = 6
+    overrides = tiny_overrides(synthetic_root, tmp_path, **{"train.epochs": epochs, "train.verbose": 2,
+                                                            "data.augment.rand_augment": True})
+    args = ["--config", str(REPO / "configs" / "student_mobilenetv3.yaml"), *sets(overrides)]
+    proc = subprocess.Popen([sys.executable, "-m", "melanoma_tf.train", *args], cwd=REPO, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    state_files = []
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        state_files = list(tmp_path.glob("student_mobilenetv3-*/state.json"))
+        if state_files and json.loads(state_files[0].read_text()).get("epoch", 0) >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "training ended before it could be killed:\n" + proc.stdout.read()[-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    run_dir = state_files[0].parent
+    state = json.loads((run_dir / "state.json").read_text())
+    done = state["epoch"]
+    assert 2 <= done < epochs
+    before = pd.read_csv(run_dir / "history.csv")
+    assert before["epoch"].tolist() == list(range(1, done + 1))
+    assert not (run_dir / "model.keras").exists() and not (run_dir / "metrics.json").exists()
+
+    result = cli(args + ["--resume"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == f"run: {run_dir}"
+    assert f"resuming stage student from epoch {done}" in result.stderr
+    epochs_printed = [line for line in result.stdout.splitlines() if line.startswith("Epoch ")]
+    assert epochs_printed[0] == f"Epoch {done + 1}/{epochs}", epochs_printed
+    _, after, _ = check_stage_folder(run_dir, epochs)
+    pd.testing.assert_frame_equal(after.iloc[:done].reset_index(drop=True), before, check_dtype=False)
+
+
+def test_checkpoint_restores_model_and_optimizer(tmp_path):
+    from melanoma_tf import callbacks as cb
+    from melanoma_tf.backend import keras
+
+    def model():
+        keras.utils.set_random_seed(1)
+        inp = keras.Input((4,))
+        return keras.Model(inp, keras.layers.Dense(1)(inp))
+
+    first = model()
+    opt = keras.optimizers.Adam(1e-2)
+    first.compile(optimizer=opt, loss="mse")
+    x, y = np.random.default_rng(0).normal(size=(32, 4)), np.ones((32, 1))
+    check = cb.EpochCheckpoint(tmp_path, first, opt, "train")
+
+    class FakeAuc(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            logs[cb.MONITOR] = 0.5 + 0.1 * epoch
+
+    first.fit(x, y, epochs=2, batch_size=8, verbose=0, callbacks=[FakeAuc(), check])
+    state = cb.load_state(tmp_path)
+    assert state["epoch"] == 2 and state["best_epoch"] == 2 and state["checkpoint"] == "epoch-2"
+    second = model()
+    opt2 = keras.optimizers.Adam(1e-2)
+    assert not np.allclose(second.get_weights()[0], first.get_weights()[0])
+    cb.restore_checkpoint(tmp_path, state, second, opt2)
+    for a, b in zip(second.get_weights(), first.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert int(opt2.iterations.numpy()) == int(opt.iterations.numpy()) == 8
+
+
+@pytest.mark.slow
+def test_synthetic_data_is_learnable(tmp_path):
+    root = synthetic.generate(tmp_path / "syn", n_lesions=400, melanoma_fraction=0.3, image_size=64, seed=11)
+    overrides = tiny_overrides(root, tmp_path, **{"data.image_size": 48, "train.epochs": 10,
+                                                  "student.minimalistic": False, "student.alpha": 1.0})
+    cfg = C.load(REPO / "configs" / "student_mobilenetv3.yaml", overrides)
+    run_dir = T.run(cfg)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["val_roc_auc"] > 0.9, metrics
