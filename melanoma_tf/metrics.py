@@ -78,3 +78,206 @@ def validation_summary(y_true, logits, labels: str) -> dict:
     p = softmax(logits)
     return {"roc_auc": multiclass_auc(y_true, p), "pr_auc": multiclass_ap(y_true, p),
             "bma": balanced_accuracy(y_true, p)}
+
+
+# --------------------------------------------------------------------------- operating point
+
+
+def confusion_at(y_true, scores, threshold: float) -> dict:
+    """Counts at a threshold; an image is called melanoma when its score >= threshold."""
+    y = np.asarray(y_true).reshape(-1).astype(np.int64)
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    called = s >= threshold
+    return {"tp": int(np.sum(called & (y == 1))), "fp": int(np.sum(called & (y == 0))),
+            "tn": int(np.sum(~called & (y == 0))), "fn": int(np.sum(~called & (y == 1)))}
+
+
+def _ratio(num: int, den: int) -> float:
+    return float(num / den) if den else float("nan")
+
+
+def rates_at(y_true, scores, threshold: float) -> dict:
+    """Sensitivity, specificity, PPV, NPV and F1 at a fixed threshold (NaN where undefined)."""
+    c = confusion_at(y_true, scores, threshold)
+    sens = _ratio(c["tp"], c["tp"] + c["fn"])
+    ppv = _ratio(c["tp"], c["tp"] + c["fp"])
+    f1 = _ratio(2 * c["tp"], 2 * c["tp"] + c["fp"] + c["fn"])
+    return {"threshold": float(threshold), "sensitivity": sens, "specificity": _ratio(c["tn"], c["tn"] + c["fp"]),
+            "ppv": ppv, "npv": _ratio(c["tn"], c["tn"] + c["fn"]), "f1": f1, **c}
+
+
+def threshold_for_sensitivity(y_true, scores, target: float = 0.95) -> float:
+    """The highest threshold whose sensitivity is at least ``target``.
+
+    With k = ceil(target * positives), it is the k-th highest melanoma score:
+    every melanoma scoring at or above it is called, so at least k are found.
+    Choose it on validation data and apply it unchanged elsewhere.
+    """
+    if not 0.0 < target <= 1.0:
+        raise MetricError(f"target sensitivity must be in (0, 1], got {target}")
+    y, s = _binary(y_true, scores)
+    positives = np.sort(s[y == 1])[::-1]
+    k = int(np.ceil(target * len(positives) - 1e-9))
+    return float(positives[max(k, 1) - 1])
+
+
+# --------------------------------------------------------------------------- uncertainty of a metric
+
+
+def bootstrap_ci(y_true, scores, groups, metric, n_boot: int = 1000, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap CI of ``metric(y, scores)``, resampling lesions (groups) with replacement.
+
+    Resamples where one class is absent are drawn again (they are not counted).
+    """
+    y = np.asarray(y_true).reshape(-1)
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    _, group_index = np.unique(np.asarray(groups).reshape(-1), return_inverse=True)
+    members = [np.flatnonzero(group_index == g) for g in range(group_index.max() + 1)]
+    rng = np.random.default_rng(seed)
+    values = []
+    attempts = 0
+    while len(values) < n_boot and attempts < 20 * n_boot:
+        attempts += 1
+        drawn = rng.integers(0, len(members), len(members))
+        rows = np.concatenate([members[g] for g in drawn])
+        if len(np.unique(y[rows])) < 2:
+            continue
+        values.append(metric(y[rows], s[rows]))
+    if not values:
+        raise MetricError("bootstrap: no resample contained both classes")
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+def brier(y_true, probs) -> float:
+    """Mean squared difference between the melanoma probability and the label."""
+    y = np.asarray(y_true, dtype=np.float64).reshape(-1)
+    return float(np.mean((np.asarray(probs, dtype=np.float64).reshape(-1) - y) ** 2))
+
+
+def reliability_bins(y_true, probs, n_bins: int = 10) -> list[dict]:
+    """Equal-mass bins (sorted by probability): mean probability, observed rate, count."""
+    y = np.asarray(y_true, dtype=np.float64).reshape(-1)
+    p = np.asarray(probs, dtype=np.float64).reshape(-1)
+    order = np.argsort(p, kind="stable")
+    return [{"mean_prob": float(p[b].mean()), "observed": float(y[b].mean()), "count": int(len(b))}
+            for b in np.array_split(order, min(n_bins, len(p))) if len(b)]
+
+
+def ece(y_true, probs, n_bins: int = 10) -> float:
+    """Expected calibration error with equal-mass bins: sum over bins of (n_b / N) |rate - mean prob|."""
+    bins = reliability_bins(y_true, probs, n_bins)
+    total = sum(b["count"] for b in bins)
+    return float(sum(b["count"] / total * abs(b["observed"] - b["mean_prob"]) for b in bins))
+
+
+def fit_temperature(logits, y_true, labels: str = "binary") -> float:
+    """Temperature T > 0 minimising the NLL of sigmoid(z / T) (softmax for multiclass) on validation data."""
+    from scipy.optimize import minimize_scalar
+
+    z = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(y_true).reshape(-1)
+
+    def nll(log_t: float) -> float:
+        t = np.exp(log_t)
+        if labels == "binary":
+            zz = z.reshape(-1) / t
+            return float(np.mean(np.logaddexp(0, zz) - y * zz))
+        zz = z / t
+        log_p = zz - np.logaddexp.reduce(zz, axis=1, keepdims=True)
+        return float(-np.mean(log_p[np.arange(len(y)), y.astype(int)]))
+
+    result = minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded")
+    return float(np.exp(result.x))
+
+
+# --------------------------------------------------------------------------- referral
+
+
+def refer_margin(logits, threshold_logit: float, fraction: float) -> float:
+    """Half-width of a band around the threshold (in logit units) holding ``fraction`` of the images."""
+    distance = np.abs(np.asarray(logits, dtype=np.float64).reshape(-1) - threshold_logit)
+    return float(np.quantile(distance, fraction)) if fraction > 0 else 0.0
+
+
+def refer_summary(y_true, logits, threshold_logit: float, margin: float) -> dict:
+    """Images within ``margin`` of the threshold are referred; rates on the images decided automatically."""
+    z = np.asarray(logits, dtype=np.float64).reshape(-1)
+    y = np.asarray(y_true).reshape(-1)
+    refer = np.abs(z - threshold_logit) < margin
+    kept = ~refer
+    rates = rates_at(y[kept], z[kept], threshold_logit) if kept.any() else {}
+    return {"refer_fraction": float(refer.mean()), "refer_margin_logit": float(margin),
+            "decided_sensitivity": rates.get("sensitivity", float("nan")),
+            "decided_specificity": rates.get("specificity", float("nan")),
+            "referred_melanomas": int(np.sum(refer & (y == 1)))}
+
+
+def logit(p) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-12, 1 - 1e-12)
+    return np.log(p) - np.log1p(-p)
+
+
+# --------------------------------------------------------------------------- multiclass
+
+
+def multiclass_report(y_true, probs, label_names: list[str]) -> dict:
+    """BMA, per-class one-vs-rest AUC, macro F1 and the confusion matrix (rows: truth)."""
+    y = np.asarray(y_true).reshape(-1)
+    p = np.asarray(probs, dtype=np.float64)
+    predicted = np.argmax(p, axis=1)
+    per_class = {}
+    for k, name in enumerate(label_names):
+        positives = y == k
+        per_class[name] = float(skm.roc_auc_score(positives, p[:, k])) if 0 < positives.sum() < len(y) else None
+    return {"bma": float(skm.balanced_accuracy_score(y, predicted)),
+            "macro_f1": float(skm.f1_score(y, predicted, average="macro", labels=np.unique(y))),
+            "accuracy": float(np.mean(predicted == y)),
+            "per_class_auc": per_class,
+            "confusion_matrix": skm.confusion_matrix(y, predicted, labels=range(len(label_names))).tolist()}
+
+
+# --------------------------------------------------------------------------- subgroups
+
+
+def age_band(age) -> str:
+    try:
+        a = float(age)
+    except (TypeError, ValueError):
+        return "unknown"
+    if not np.isfinite(a):
+        return "unknown"
+    for upper, name in ((30, "<30"), (45, "30-44"), (60, "45-59"), (75, "60-74")):
+        if a < upper:
+            return name
+    return "75+"
+
+
+def subgroup_audit(frame, threshold: float, columns=("sex", "age_band", "localization", "dataset"),
+                   max_drop: float = 0.05) -> list[dict]:
+    """AUC and sensitivity at the fixed threshold per subgroup, flagging sensitivity drops.
+
+    Args:
+      frame: a DataFrame with ``label``, ``prob`` and the metadata columns.
+      threshold: the validation-chosen threshold.
+      max_drop: flag groups whose sensitivity is more than this below the overall one.
+    """
+    overall = rates_at(frame["label"], frame["prob"], threshold)["sensitivity"]
+    rows = []
+    for column in columns:
+        if column not in frame.columns:
+            continue
+        for value, part in frame.groupby(column, dropna=False):
+            n_pos = int(part["label"].sum())
+            auc = (float(skm.roc_auc_score(part["label"], part["prob"]))
+                   if 0 < n_pos < len(part) else float("nan"))
+            sens = rates_at(part["label"], part["prob"], threshold)["sensitivity"] if n_pos else float("nan")
+            rows.append({"attribute": column, "group": str(value), "n": int(len(part)), "n_melanoma": n_pos,
+                         "roc_auc": auc, "sensitivity": sens,
+                         "flag": bool(np.isfinite(sens) and sens < overall - max_drop)})
+    return rows

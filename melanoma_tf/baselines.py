@@ -1,0 +1,226 @@
+"""scikit-learn baselines on hand-crafted colour and texture features.
+
+    python -m melanoma_tf.baselines --config configs/<x>.yaml [--set key=value ...] [--run RUN_DIR]
+        [--models logreg,hgb,rf]
+
+Each baseline is trained on the train split, its threshold is chosen on the
+validation split by the same rule as the deep models, and it is scored on the
+holdout with the same metrics. With ``--run`` the run's own ``splits.csv`` is
+used, so the baselines and a trained model see identical splits. Baselines
+always solve melanoma vs rest. Output: ``<output.dir>/baselines-<time>/<model>/eval_holdout/``
+(``metrics.json``, ``predictions.csv``, ``report.md``, plots), readable by
+``melanoma_tf.report compare``; last line ``run: <folder>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import pickle
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from melanoma_tf import config as cfgmod
+from melanoma_tf import data as datamod
+from melanoma_tf import metrics as M
+from melanoma_tf.config import ConfigError
+from melanoma_tf.files import write_atomic, write_json
+
+log = logging.getLogger("melanoma_tf.baselines")
+
+
+def _histogram(values: np.ndarray, bins: int, upper: float) -> np.ndarray:
+    """Per-image normalised histograms of ``values`` (N x pixels) in [0, upper]."""
+    idx = np.clip((values / upper * bins).astype(int), 0, bins - 1)
+    counts = np.stack([np.bincount(row, minlength=bins) for row in idx])
+    return counts / values.shape[1]
+
+
+def colour_texture_features(images: np.ndarray) -> np.ndarray:
+    """Hand-crafted features per image (float RGB in [0, 255], N x H x W x 3).
+
+    - colour: 8-bin histograms of R, G, B and of HSV hue and saturation; mean and
+      std of each channel in the centre and in the border (lesion vs skin contrast);
+    - texture: grey-level std, mean and std of the gradient magnitude, variance of
+      the Laplacian, grey-histogram entropy;
+    - an 8 x 8 RGB thumbnail.
+    """
+    from matplotlib.colors import rgb_to_hsv
+
+    n, h, w, _ = images.shape
+    x = images.astype(np.float32)
+    flat = x.reshape(n, -1, 3)
+    feats = [_histogram(flat[..., c], 8, 256.0) for c in range(3)]
+    hsv = rgb_to_hsv(np.clip(x / 255.0, 0, 1)).reshape(n, -1, 3)
+    feats += [_histogram(hsv[..., 0], 8, 1.0), _histogram(hsv[..., 1], 8, 1.0)]
+    yy, xx = np.mgrid[0:h, 0:w]
+    centre = ((yy - h / 2) ** 2 + (xx - w / 2) ** 2) < (min(h, w) / 4) ** 2
+    for mask in (centre, ~centre):
+        part = x[:, mask, :]
+        feats += [part.mean(axis=1) / 255, part.std(axis=1) / 255]
+    grey = x.mean(axis=-1)
+    gy, gx = np.gradient(grey, axis=(1, 2))
+    grad = np.hypot(gx, gy).reshape(n, -1)
+    lap = (np.roll(grey, 1, 1) + np.roll(grey, -1, 1) + np.roll(grey, 1, 2) + np.roll(grey, -1, 2) - 4 * grey)
+    grey_hist = _histogram(grey.reshape(n, -1), 32, 256.0)
+    entropy = -(grey_hist * np.log(grey_hist + 1e-12)).sum(axis=1, keepdims=True)
+    feats += [grey.reshape(n, -1).std(axis=1, keepdims=True) / 255, grad.mean(axis=1, keepdims=True) / 255,
+              grad.std(axis=1, keepdims=True) / 255, lap.reshape(n, -1).var(axis=1, keepdims=True) / 255 ** 2,
+              entropy]
+    thumb = x.reshape(n, 8, h // 8, 8, w // 8, 3).mean(axis=(2, 4)) if h % 8 == 0 and w % 8 == 0 else \
+        _resize_mean(x, 8)
+    feats.append(thumb.reshape(n, -1) / 255)
+    return np.concatenate(feats, axis=1).astype(np.float32)
+
+
+def _resize_mean(x: np.ndarray, side: int) -> np.ndarray:
+    n, h, w, c = x.shape
+    rows = np.array_split(np.arange(h), side)
+    cols = np.array_split(np.arange(w), side)
+    return np.stack([np.stack([x[:, r][:, :, cc].mean(axis=(1, 2)) for cc in cols], 1) for r in rows], 1)
+
+
+def make_baselines(seed: int) -> dict:
+    """The three baseline classifiers, class-balanced."""
+    return {
+        "logreg": make_pipeline(StandardScaler(), LogisticRegression(C=0.5, max_iter=3000,
+                                                                     class_weight="balanced")),
+        "hgb": HistGradientBoostingClassifier(max_iter=300, learning_rate=0.05, class_weight="balanced",
+                                              random_state=seed),
+        "rf": RandomForestClassifier(n_estimators=300, min_samples_leaf=2, class_weight="balanced_subsample",
+                                     n_jobs=-1, random_state=seed),
+    }
+
+
+def _model_size(estimator) -> tuple[int, float]:
+    """(parameter count, pickled size in MB): coefficients, or tree nodes for ensembles."""
+    blob = pickle.dumps(estimator)
+    final = estimator[-1] if hasattr(estimator, "steps") else estimator
+    if hasattr(final, "coef_"):
+        params = int(final.coef_.size + final.intercept_.size)
+    elif hasattr(final, "estimators_"):
+        params = int(sum(t.tree_.node_count for t in final.estimators_))
+    elif hasattr(final, "_predictors"):
+        params = int(sum(p.nodes.shape[0] for stage in final._predictors for p in stage))
+    else:
+        params = 0
+    return params, len(blob) / 1e6
+
+
+def _latency(estimator, features: np.ndarray, extract, image: np.ndarray, runs: int = 50) -> dict:
+    """Batch-1 latency: feature extraction plus predict_proba on one image."""
+    times = []
+    for i in range(runs + 3):
+        start = time.perf_counter()
+        estimator.predict_proba(extract(image[None]))
+        if i >= 3:
+            times.append((time.perf_counter() - start) * 1e3)
+    return {"latency_ms_median": float(np.median(times)), "latency_ms_p90": float(np.percentile(times, 90)),
+            "latency_runs": runs, "runtime": "scikit-learn"}
+
+
+def run_baselines(cfg, run_dir: Optional[str] = None, names: tuple[str, ...] = ("logreg", "hgb", "rf"),
+                  n_boot: int = 1000, target_sensitivity: float = 0.95) -> Path:
+    """Trains and scores the baselines; returns the output folder."""
+    from melanoma_tf import plots, report
+    from melanoma_tf.evaluate import binary_report, load_images
+    from melanoma_tf.train import new_run_dir, prepare_data
+
+    data = prepare_data(cfg)
+    frame = data.frame
+    if run_dir:
+        manifest = datamod.read_split_manifest(_stage_dir(Path(run_dir)) / "splits.csv")
+        frame = frame.drop(columns="split").merge(manifest[["image_id", "split"]], on="image_id", how="inner")
+        if len(frame) != len(manifest):
+            raise datamod.DataError(f"{run_dir}: {len(manifest) - len(frame)} images of its splits.csv are not "
+                                    "usable with this config's data.root")
+    frame = frame.assign(label=(frame["dx"] == datamod.MELANOMA).astype(int))
+    unknown = set(names) - set(make_baselines(0))
+    if unknown:
+        raise ConfigError(f"--models: unknown baseline(s) {sorted(unknown)}; choose from {sorted(make_baselines(0))}")
+    out_dir = new_run_dir(cfgmod.replace(cfg, "output.name", "baselines"))
+    cfgmod.save(cfg, out_dir / "config.yaml")
+    datamod.write_split_manifest(frame, out_dir, {"data": data.summary, "seed": cfg.seed, "source_run": run_dir})
+    size = cfg.data.image_size
+    start = time.time()
+    parts = {s: frame[frame["split"] == s].reset_index(drop=True) for s in ("train", "val", "holdout")}
+    features = {s: colour_texture_features(load_images(p["path"].tolist(), size)) for s, p in parts.items()}
+    log.info("features %s for %d images in %.1fs", features["train"].shape[1:], len(frame), time.time() - start)
+    for name in names:
+        estimator = make_baselines(cfg.seed)[name]
+        t0 = time.time()
+        estimator.fit(features["train"], parts["train"]["label"])
+        fit_seconds = time.time() - t0
+        scores = {s: np.clip(estimator.predict_proba(features[s])[:, 1], 1e-6, 1 - 1e-6) for s in ("val", "holdout")}
+        test = parts["holdout"]
+        result = binary_report(parts["val"]["label"].to_numpy(), M.logit(scores["val"]), test["label"].to_numpy(),
+                               M.logit(scores["holdout"]), test["lesion_id"].to_numpy(),
+                               target_sensitivity=target_sensitivity, n_boot=n_boot, seed=cfg.seed)
+        params, mb = _model_size(estimator)
+        one = load_images(test["path"].tolist()[:1], size)[0]
+        result.update(_latency(estimator, features["holdout"], colour_texture_features, one))
+        result.update({"params": params, "size_mb": mb, "flops": None, "fit_seconds": fit_seconds,
+                       "val_roc_auc": M.roc_auc(parts["val"]["label"], scores["val"]),
+                       "model": f"{name} on colour/texture features", "model_name": f"baseline_{name}",
+                       "split": "holdout", "threshold_source": "validation", "run": str(out_dir / name)})
+        eval_dir = out_dir / name / "eval_holdout"
+        eval_dir.mkdir(parents=True, exist_ok=True)
+        predictions = test[["image_id", "lesion_id", "label"]].assign(probability=scores["holdout"])
+        predictions["called_melanoma"] = predictions["probability"] >= result["threshold"]
+        write_atomic(eval_dir / "predictions.csv", predictions.to_csv(index=False))
+        audit = test.assign(prob=scores["holdout"])
+        if "age" in audit.columns:
+            audit["age_band"] = audit["age"].map(M.age_band)
+        result["subgroups"] = M.subgroup_audit(audit, result["threshold"])
+        p_cal = M.sigmoid(M.logit(scores["holdout"]) / result["temperature"])
+        figures = plots.binary_figures(eval_dir, test["label"].to_numpy(), scores["holdout"], p_cal,
+                                       result["threshold"])
+        write_json(eval_dir / "metrics.json", result)
+        buffer = io.BytesIO()
+        pickle.dump(estimator, buffer)
+        write_atomic(out_dir / name / "model.pkl", buffer.getvalue())
+        report.write_report(eval_dir, result, figures, [])
+        print(f"== baseline {name}: val ROC-AUC {result['val_roc_auc']:.4f}, holdout ROC-AUC "
+              f"{result['roc_auc']:.4f}, specificity {result['specificity']:.3f} at sensitivity "
+              f"{result['sensitivity']:.3f}", flush=True)
+    return out_dir
+
+
+def _stage_dir(run_dir: Path) -> Path:
+    from melanoma_tf.evaluate import resolve_stage_dir
+
+    return resolve_stage_dir(run_dir)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m melanoma_tf.baselines", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--run", help="use this run's splits.csv")
+    parser.add_argument("--models", default="logreg,hgb,rf")
+    parser.add_argument("--bootstrap", type=int, default=1000)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = cfgmod.load(args.config, args.overrides)
+        out = run_baselines(cfg, args.run, tuple(m.strip() for m in args.models.split(",") if m.strip()),
+                            args.bootstrap)
+    except (ConfigError, datamod.DataError, FileNotFoundError, M.MetricError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"run: {out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,384 @@
+"""Score a model on a split and write the clinical report.
+
+    python -m melanoma_tf.evaluate --run RUN_DIR [--model FILE] [--split val|holdout]
+        [--images DIR --labels CSV] [--out DIR]
+
+The operating point is the threshold reaching the target sensitivity (0.95 by
+default) on the run's *validation* split, applied unchanged to the split being
+reported; temperature scaling and the referral band are fitted on validation
+too. A ``.tflite`` with a sidecar JSON can be scored without ``--run`` on
+external images, taking its preprocessing and threshold from the sidecar.
+Writes ``predictions.csv``, ``metrics.json``, PNG plots and ``report.md``; the
+last line printed is ``report: <path of report.md>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+
+from melanoma_tf import config as cfgmod
+from melanoma_tf import data as datamod
+from melanoma_tf import metrics as M
+from melanoma_tf.config import Config, ConfigError
+from melanoma_tf.files import write_atomic, write_json
+
+log = logging.getLogger("melanoma_tf.evaluate")
+
+
+class EvaluationError(ValueError):
+    """The run, model or data given to evaluate cannot be used; the message names it."""
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def resolve_stage_dir(run_dir: str | Path) -> Path:
+    """The folder holding model.keras: the run itself, or the last stage of a chained run."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise EvaluationError(f"--run {run_dir}: not a run folder (no config.yaml)")
+    if (run_dir / "model.keras").is_file() or (run_dir / "predictions_val.csv").is_file():
+        return run_dir
+    cfg = cfgmod.load(run_dir / "config.yaml")
+    for stage in reversed(cfg.stages):
+        if (run_dir / stage / "model.keras").is_file():
+            return run_dir / stage
+    raise EvaluationError(f"--run {run_dir}: no model.keras in the run or its stage folders")
+
+
+def split_frame(cfg: Config, stage_dir: Path, split: str) -> pd.DataFrame:
+    """Rows of one split of the run's manifest, with image paths and metadata columns."""
+    manifest = datamod.read_split_manifest(stage_dir / "splits.csv")
+    from melanoma_tf.train import dataset_root
+
+    root = dataset_root(cfg)
+    metadata = datamod.read_metadata(Path(cfg.data.metadata) if Path(cfg.data.metadata).is_absolute()
+                                     else root / cfg.data.metadata)
+    files = datamod.find_images(root, cfg.data.image_dirs)
+    part = manifest[manifest["split"] == split]
+    if part.empty:
+        raise EvaluationError(f"{stage_dir / 'splits.csv'}: no image in split {split!r}")
+    missing = [i for i in part["image_id"] if i not in files]
+    if missing:
+        raise EvaluationError(f"{len(missing)} images of the {split} split are no longer under {root} "
+                              f"(first: {missing[0]})")
+    extra = metadata.drop(columns=["lesion_id"]).set_index("image_id")
+    frame = part.join(extra, on="image_id")
+    frame["path"] = [str(files[i]) for i in frame["image_id"]]
+    return frame.reset_index(drop=True)
+
+
+def external_frame(images_dir: str | Path, labels_csv: str | Path, label_mode: str = "binary") -> pd.DataFrame:
+    """An external test set: a folder of images and a CSV ``image_id,label`` (0/1 for binary).
+
+    Optional columns (lesion_id, sex, age, localization, dataset) are kept for the
+    bootstrap and the subgroup audit; without lesion_id each image is its own lesion.
+    """
+    labels_csv = Path(labels_csv)
+    if not labels_csv.is_file():
+        raise EvaluationError(f"--labels {labels_csv}: file not found")
+    table = pd.read_csv(labels_csv, dtype={"image_id": str})
+    for column in ("image_id", "label"):
+        if column not in table.columns:
+            raise EvaluationError(f"{labels_csv}: missing column {column!r} (expected image_id,label)")
+    table["image_id"] = table["image_id"].map(datamod._strip_suffix)
+    labels = pd.to_numeric(table["label"], errors="coerce")
+    allowed = {0, 1} if label_mode == "binary" else set(range(len(datamod.DX_CLASSES)))
+    bad = ~labels.isin(allowed)
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        raise EvaluationError(f"{labels_csv}: row {row + 2}: label '{table['label'].iloc[row]}' is not one of "
+                              f"{sorted(allowed)}")
+    table["label"] = labels.astype(int)
+    files = datamod.find_images(images_dir)
+    missing = [i for i in table["image_id"] if i not in files]
+    if missing:
+        raise EvaluationError(f"{len(missing)} images listed in {labels_csv} are not in {images_dir} "
+                              f"(first: {missing[0]})")
+    table["path"] = [str(files[i]) for i in table["image_id"]]
+    if "lesion_id" not in table.columns:
+        table["lesion_id"] = table["image_id"]
+    return table.reset_index(drop=True)
+
+
+def load_images(paths: list[str], image_size: int, batch_size: int = 64) -> np.ndarray:
+    """Decodes and resizes images exactly as the training pipeline does (float32, [0, 255])."""
+    from melanoma_tf.pipeline import make_dataset
+
+    ds = make_dataset(paths, np.zeros(len(paths)), image_size, batch_size, cache="none")
+    return np.concatenate([x.numpy() for x, _, _ in ds]) if paths else np.zeros((0, image_size, image_size, 3))
+
+
+@dataclass
+class LoadedModel:
+    """A Keras model or a TFLite flatbuffer behind one ``logits(images)`` call."""
+
+    path: Path
+    keras_model: object = None
+    tflite_model: object = None
+
+    @property
+    def input_size(self) -> int:
+        if self.keras_model is not None:
+            return int(self.keras_model.input_shape[1])
+        return int(self.tflite_model.input_shape[1])
+
+    @property
+    def num_outputs(self) -> int:
+        if self.keras_model is not None:
+            return int(self.keras_model.output_shape[-1])
+        return int(self.tflite_model.interpreter.get_output_details()[0]["shape"][-1])
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        if self.keras_model is not None:
+            return np.asarray(self.keras_model.predict(images, batch_size=32, verbose=0), dtype=np.float64)
+        return np.asarray(self.tflite_model.predict(images), dtype=np.float64)
+
+
+def load_any_model(path: str | Path, threads: int = 1) -> LoadedModel:
+    path = Path(path)
+    if not path.is_file():
+        raise EvaluationError(f"--model {path}: file not found")
+    if path.suffix == ".tflite":
+        from melanoma_tf.tflite import TFLiteModel
+
+        try:
+            return LoadedModel(path, tflite_model=TFLiteModel(path, threads=threads))
+        except ValueError as err:
+            raise EvaluationError(f"--model {path}: not a valid TFLite flatbuffer: {err}") from None
+    if path.suffix == ".keras":
+        from melanoma_tf.models import load_model
+
+        try:
+            return LoadedModel(path, keras_model=load_model(path))
+        except (ValueError, OSError) as err:
+            raise EvaluationError(f"--model {path}: cannot load Keras model: {err}") from None
+    raise EvaluationError(f"--model {path}: expected a .keras or .tflite file")
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def melanoma_logit(logits: np.ndarray, labels: str) -> np.ndarray:
+    """One melanoma score per image: the logit (binary), or logit of P(mel) (multiclass)."""
+    if labels == "binary":
+        return logits.reshape(-1)
+    p_mel = M.softmax(logits)[:, datamod.DX_CLASSES.index(datamod.MELANOMA)]
+    return M.logit(p_mel)
+
+
+def binary_report(val_y, val_z, test_y, test_z, test_groups, *, target_sensitivity: float = 0.95,
+                  refer_fraction: float = 0.1, n_boot: int = 1000, seed: int = 0,
+                  threshold: Optional[float] = None, temperature: Optional[float] = None,
+                  refer_margin: Optional[float] = None) -> dict:
+    """All binary metrics of one model on a test set, with every choice made on validation.
+
+    Args:
+      val_y, val_z: validation labels (0/1) and melanoma logits; may be None when
+        threshold, temperature and refer_margin are all given (a sidecar).
+      test_y, test_z: the reported data's labels and melanoma logits.
+      test_groups: lesion ids for the bootstrap.
+      target_sensitivity: the validation sensitivity the threshold must reach.
+      refer_fraction: share of validation images inside the referral band.
+      threshold: a fixed probability threshold instead of choosing one.
+
+    Returns:
+      A dict with the ``metrics.json`` keys.
+    """
+    test_y = np.asarray(test_y).reshape(-1)
+    test_z = np.asarray(test_z, dtype=np.float64).reshape(-1)
+    p = M.sigmoid(test_z)
+    if threshold is None:
+        threshold = M.threshold_for_sensitivity(val_y, M.sigmoid(val_z), target_sensitivity)
+    if temperature is None:
+        temperature = M.fit_temperature(val_z, val_y)
+    threshold_logit = float(M.logit(threshold))
+    if refer_margin is None:
+        refer_margin = M.refer_margin(np.asarray(val_z) / temperature, threshold_logit / temperature,
+                                      refer_fraction) if val_z is not None else 0.0
+    out = {"n_images": int(len(test_y)), "n_melanoma": int(test_y.sum()),
+           "target_sensitivity": target_sensitivity}
+    out["roc_auc"] = M.roc_auc(test_y, p)
+    out["pr_auc"] = M.pr_auc(test_y, p)
+    out["roc_auc_ci"] = list(M.bootstrap_ci(test_y, p, test_groups, M.roc_auc, n_boot, seed))
+    out["pr_auc_ci"] = list(M.bootstrap_ci(test_y, p, test_groups, M.pr_auc, n_boot, seed))
+    rates = M.rates_at(test_y, p, threshold)
+    out.update(rates)
+    p_cal = M.sigmoid(test_z / temperature)
+    out.update({"temperature": temperature, "ece": M.ece(test_y, p), "ece_calibrated": M.ece(test_y, p_cal),
+                "brier": M.brier(test_y, p), "brier_calibrated": M.brier(test_y, p_cal)})
+    out.update(M.refer_summary(test_y, test_z / temperature, threshold_logit / temperature, refer_margin))
+    if val_z is not None:
+        out["val_sensitivity"] = M.rates_at(val_y, M.sigmoid(val_z), threshold)["sensitivity"]
+    return out
+
+
+def _predict(model: LoadedModel, frame: pd.DataFrame) -> np.ndarray:
+    return model.logits(load_images(frame["path"].tolist(), model.input_size))
+
+
+def evaluate(run_dir: Optional[str] = None, model_path: Optional[str] = None, split: str = "holdout",
+             images: Optional[str] = None, labels: Optional[str] = None, out: Optional[str] = None,
+             target_sensitivity: float = 0.95, refer_fraction: float = 0.1, n_boot: int = 1000,
+             gradcam: int = 4, latency_runs: int = 50, seed: int = 0) -> Path:
+    """Scores a model and writes predictions, metrics, plots and report.md; returns report.md's path."""
+    from melanoma_tf import cost, plots, report
+    from melanoma_tf.tflite import read_sidecar
+
+    if (images is None) != (labels is None):
+        raise EvaluationError("--images and --labels go together")
+    sidecar = read_sidecar(model_path) if model_path and model_path.endswith(".tflite") else None
+    if run_dir is None and sidecar is None:
+        raise EvaluationError("--run is needed unless --model is a .tflite with its sidecar JSON")
+    if run_dir is None and images is None:
+        raise EvaluationError("without --run, give the data to score with --images and --labels")
+    stage_dir = resolve_stage_dir(run_dir) if run_dir else None
+    cfg = cfgmod.load(stage_dir / "config.yaml") if stage_dir else None
+    label_mode = cfg.data.labels if cfg else sidecar.get("labels", "binary")
+    model_file = Path(model_path) if model_path else stage_dir / "model.keras"
+    model = load_any_model(model_file)
+    tag = "external" if images else split
+    out_dir = Path(out) if out else (stage_dir or model_file.parent) / (
+        f"eval_{tag}" if model_file.name == "model.keras" else f"eval_{tag}_{model_file.stem}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    test = external_frame(images, labels, label_mode) if images else split_frame(cfg, stage_dir, split)
+    test_logits = _predict(model, test)
+    val = val_logits = None
+    if cfg is not None:
+        val = split_frame(cfg, stage_dir, "val")
+        val_logits = _predict(model, val)
+    fixed = {}
+    if sidecar is not None and cfg is None:
+        fixed = {"threshold": sidecar["threshold"], "temperature": sidecar.get("temperature", 1.0),
+                 "refer_margin": sidecar.get("refer_margin_logit", 0.0)}
+    test_z = melanoma_logit(test_logits, label_mode)
+    test_y = (test["label"].to_numpy() == datamod.DX_CLASSES.index("mel")).astype(int) \
+        if label_mode == "multiclass" else test["label"].to_numpy()
+    val_z = melanoma_logit(val_logits, label_mode) if val is not None else None
+    val_y = None
+    if val is not None:
+        val_y = (val["label"].to_numpy() == datamod.DX_CLASSES.index("mel")).astype(int) \
+            if label_mode == "multiclass" else val["label"].to_numpy()
+    result = binary_report(val_y, val_z, test_y, test_z, test["lesion_id"].to_numpy(),
+                           target_sensitivity=target_sensitivity, refer_fraction=refer_fraction,
+                           n_boot=n_boot, seed=seed, **fixed)
+    result["threshold_source"] = ("sidecar" if fixed else
+                                  "validation (same data as reported: optimistic)" if tag == "val"
+                                  else "validation")
+    if label_mode == "multiclass":
+        result["multiclass"] = M.multiclass_report(test["label"].to_numpy(), M.softmax(test_logits),
+                                                   list(datamod.DX_CLASSES))
+    reference = None
+    if model.keras_model is None and cfg is not None:
+        reference = _reference_keras(stage_dir)
+    result.update(cost.model_cost(model_file, keras_model=model.keras_model, runs=latency_runs,
+                                  reference_keras=reference))
+    result.update({"model": str(model_file), "split": tag, "run": str(stage_dir) if stage_dir else None,
+                   "model_name": _model_name(stage_dir, model_file)})
+
+    predictions = test[["image_id", "lesion_id", "label"]].copy()
+    predictions["probability"] = M.sigmoid(test_z)
+    predictions["logit"] = test_z
+    predictions["calibrated_probability"] = M.sigmoid(test_z / result["temperature"])
+    predictions["called_melanoma"] = predictions["probability"] >= result["threshold"]
+    distance = np.abs(test_z / result["temperature"] - M.logit(result["threshold"]) / result["temperature"])
+    predictions["uncertainty_margin"] = distance
+    predictions["refer"] = distance < result["refer_margin_logit"]
+    write_atomic(out_dir / "predictions.csv", predictions.to_csv(index=False))
+
+    audit_frame = test.assign(prob=M.sigmoid(test_z), label=test_y)
+    if "age" in audit_frame.columns:
+        audit_frame["age_band"] = audit_frame["age"].map(M.age_band)
+    result["subgroups"] = M.subgroup_audit(audit_frame, result["threshold"])
+    figures = plots.binary_figures(out_dir, test_y, predictions["probability"].to_numpy(),
+                                   predictions["calibrated_probability"].to_numpy(), result["threshold"])
+    if "multiclass" in result:
+        figures["confusion_multiclass"] = plots.confusion_matrix_plot(
+            out_dir / "confusion_multiclass.png", np.array(result["multiclass"]["confusion_matrix"]),
+            list(datamod.DX_CLASSES))
+    gallery = []
+    if gradcam and model.keras_model is not None:
+        from melanoma_tf.gradcam import gradcam_gallery
+
+        gallery = gradcam_gallery(model.keras_model, test, predictions["probability"].to_numpy(), test_y,
+                                  result["threshold"], out_dir / "gradcam", per_kind=gradcam)
+    write_json(out_dir / "metrics.json", result)
+    return report.write_report(out_dir, result, figures, gallery)
+
+
+def _reference_keras(stage_dir: Path):
+    path = stage_dir / "model.keras"
+    if not path.is_file():
+        return None
+    from melanoma_tf.models import load_model
+
+    return load_model(path)
+
+
+def _model_name(stage_dir: Optional[Path], model_file: Path) -> str:
+    base = stage_dir.name if stage_dir else model_file.parent.name
+    return base if model_file.name == "model.keras" else f"{base}/{model_file.stem}"
+
+
+# --------------------------------------------------------------------------- command
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m melanoma_tf.evaluate", description=__doc__.split("\n")[0])
+    parser.add_argument("--run", help="run folder (a chained run: its last stage)")
+    parser.add_argument("--model", help=".keras or .tflite file (default: the run's model.keras)")
+    parser.add_argument("--split", choices=("val", "holdout"), default="holdout")
+    parser.add_argument("--images", help="external image folder (with --labels)")
+    parser.add_argument("--labels", help="external labels CSV: image_id,label")
+    parser.add_argument("--out", help="output folder (default: <run>/eval_<split>)")
+    parser.add_argument("--target-sensitivity", type=float, default=0.95)
+    parser.add_argument("--refer-fraction", type=float, default=0.1,
+                        help="share of validation images in the referral band around the threshold")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (over lesions)")
+    parser.add_argument("--gradcam", type=int, default=4, help="Grad-CAM images per kind (FN, FP); 0: none")
+    parser.add_argument("--latency-runs", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=1, help="TensorFlow threads (latency is batch 1)")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def configure_threads(threads: int) -> None:
+    """Pins TensorFlow's thread pools; must run before the first TensorFlow op."""
+    from melanoma_tf.backend import tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError:
+        log.warning("TensorFlow already started; thread count unchanged")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not 0 < args.target_sensitivity <= 1:
+        print("error: --target-sensitivity must be in (0, 1]", file=sys.stderr)
+        return 2
+    configure_threads(args.threads)
+    try:
+        report_path = evaluate(args.run, args.model, args.split, args.images, args.labels, args.out,
+                               args.target_sensitivity, args.refer_fraction, args.bootstrap, args.gradcam,
+                               args.latency_runs, args.seed)
+    except (EvaluationError, ConfigError, datamod.DataError, M.MetricError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"report: {report_path}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

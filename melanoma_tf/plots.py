@@ -1,0 +1,104 @@
+"""Report figures (matplotlib, Agg backend, written atomically as PNG)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn import metrics as skm  # noqa: E402
+
+from melanoma_tf import metrics as M  # noqa: E402
+from melanoma_tf.files import write_atomic  # noqa: E402
+
+
+def save(fig, path: Path) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    write_atomic(path, buffer.getvalue())
+    return path.name
+
+
+def roc_plot(path: Path, curves: dict, operating_points: dict | None = None) -> str:
+    """ROC curves of one or several models: ``{name: (y, p)}``."""
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for name, (y, p) in curves.items():
+        fpr, tpr, _ = skm.roc_curve(y, p)
+        ax.plot(fpr, tpr, label=f"{name} (AUC {skm.roc_auc_score(y, p):.3f})")
+    for name, (fpr, tpr) in (operating_points or {}).items():
+        ax.plot([fpr], [tpr], "o", label=name)
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC")
+    ax.legend(fontsize=7, loc="lower right")
+    return save(fig, path)
+
+
+def binary_figures(out_dir: Path, y, p, p_cal, threshold: float) -> dict:
+    """ROC, PR, reliability (before/after temperature scaling), threshold sweep and confusion matrix."""
+    out_dir = Path(out_dir)
+    y = np.asarray(y)
+    rates = M.rates_at(y, p, threshold)
+    figures = {"roc": roc_plot(out_dir / "roc.png", {"model": (y, p)},
+                               {"operating point": (1 - rates["specificity"], rates["sensitivity"])})}
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    precision, recall, _ = skm.precision_recall_curve(y, p)
+    ax.step(recall, precision, where="post", label=f"AP {skm.average_precision_score(y, p):.3f}")
+    ax.axhline(y.mean(), ls=":", color="grey", label=f"prevalence {y.mean():.3f}")
+    ax.plot([rates["sensitivity"]], [rates["ppv"]], "o", label="operating point")
+    ax.set(xlabel="recall (sensitivity)", ylabel="precision (PPV)", title="Precision-recall", ylim=(0, 1.02))
+    ax.legend(fontsize=7)
+    figures["pr"] = save(fig, out_dir / "pr.png")
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for name, probs in (("raw", p), ("temperature-scaled", p_cal)):
+        bins = M.reliability_bins(y, probs)
+        ax.plot([b["mean_prob"] for b in bins], [b["observed"] for b in bins], "o-",
+                label=f"{name} (ECE {M.ece(y, probs):.3f})")
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    ax.set(xlabel="mean predicted probability", ylabel="observed melanoma rate", title="Reliability (equal-mass bins)")
+    ax.legend(fontsize=7)
+    figures["reliability"] = save(fig, out_dir / "reliability.png")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    grid = np.linspace(0, 1, 201)
+    sweep = [M.rates_at(y, p, t) for t in grid]
+    ax.plot(grid, [s["sensitivity"] for s in sweep], label="sensitivity")
+    ax.plot(grid, [s["specificity"] for s in sweep], label="specificity")
+    ax.axvline(threshold, ls="--", color="k", label=f"threshold {threshold:.3f} (from validation)")
+    ax.set(xlabel="threshold on melanoma probability", ylabel="rate", title="Threshold sweep")
+    ax.legend(fontsize=7)
+    figures["threshold_sweep"] = save(fig, out_dir / "threshold_sweep.png")
+
+    c = M.confusion_at(y, p, threshold)
+    figures["confusion"] = confusion_matrix_plot(out_dir / "confusion.png",
+                                                 np.array([[c["tn"], c["fp"]], [c["fn"], c["tp"]]]),
+                                                 ["not melanoma", "melanoma"])
+    return figures
+
+
+def confusion_matrix_plot(path: Path, matrix: np.ndarray, names: list[str]) -> str:
+    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * len(names), 1 + 0.6 * len(names)))
+    ax.imshow(matrix, cmap="Blues")
+    for (i, j), v in np.ndenumerate(matrix):
+        ax.text(j, i, str(v), ha="center", va="center", color="black" if v < matrix.max() / 2 else "white")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    ax.set(xlabel="predicted", ylabel="true")
+    return save(fig, path)
+
+
+def scatter_plot(path: Path, xs, ys, labels, xlabel: str, title: str, log_x: bool = True) -> str:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter(xs, ys)
+    for x, y, label in zip(xs, ys, labels):
+        ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    if log_x and all(x > 0 for x in xs):
+        ax.set_xscale("log")
+    ax.set(xlabel=xlabel, ylabel="ROC-AUC", title=title)
+    return save(fig, path)
