@@ -134,6 +134,7 @@ class TrainConfig:
 class OutputConfig:
     dir: str = "runs"
     name: Optional[str] = None  # default: the config file's stem
+    evaluate: bool = False  # after training: evaluate every stage on the holdout and compare them
 
 
 @dataclass(frozen=True)

@@ -115,6 +115,7 @@ def model_cost(model_path: str | os.PathLike, keras_model: Optional[keras.Model]
     if path.suffix == ".tflite":
         result.update(tflite_latency(path, runs, warmup))
         result["runtime"] = "tflite"
+        result["threads"] = 1
         source = reference_keras
     else:
         if keras_model is None:
@@ -123,6 +124,7 @@ def model_cost(model_path: str | os.PathLike, keras_model: Optional[keras.Model]
             keras_model = load_model(path)
         result.update(keras_latency(keras_model, runs, warmup))
         result["runtime"] = "keras"
+        result["threads"] = int(tf.config.threading.get_intra_op_parallelism_threads())  # 0: all cores
         source = keras_model
     if source is not None:
         result["params"] = count_params(source)

@@ -215,6 +215,9 @@ def binary_report(val_y, val_z, test_y, test_z, test_groups, *, target_sensitivi
     p_cal = M.sigmoid(test_z / temperature)
     out.update({"temperature": temperature, "ece": M.ece(test_y, p), "ece_calibrated": M.ece(test_y, p_cal),
                 "brier": M.brier(test_y, p), "brier_calibrated": M.brier(test_y, p_cal)})
+    if val_z is not None:
+        a, b = M.fit_platt(val_z, val_y)
+        out.update({"platt": [a, b], "ece_platt": M.ece(test_y, M.sigmoid(a * test_z + b))})
     out.update(M.refer_summary(test_y, test_z / temperature, threshold_logit / temperature, refer_margin))
     if val_z is not None:
         out["val_sensitivity"] = M.rates_at(val_y, M.sigmoid(val_z), threshold)["sensitivity"]

@@ -196,6 +196,25 @@ def fit_temperature(logits, y_true, labels: str = "binary") -> float:
     return float(np.exp(result.x))
 
 
+def fit_platt(logits, y_true) -> tuple[float, float]:
+    """Platt scaling: (a, b) minimising the NLL of sigmoid(a z + b) on validation data.
+
+    Unlike a temperature, the intercept b also corrects a shifted base rate, as
+    left by class-weighted training (HAM10000 is 8% melanoma).
+    """
+    from scipy.optimize import minimize
+
+    z = np.asarray(logits, dtype=np.float64).reshape(-1)
+    y = np.asarray(y_true, dtype=np.float64).reshape(-1)
+
+    def nll(params):
+        zz = params[0] * z + params[1]
+        return float(np.mean(np.logaddexp(0, zz) - y * zz))
+
+    result = minimize(nll, x0=np.array([1.0, 0.0]), method="L-BFGS-B")
+    return float(result.x[0]), float(result.x[1])
+
+
 # --------------------------------------------------------------------------- referral
 
 

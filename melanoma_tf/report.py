@@ -74,7 +74,9 @@ def write_report(out_dir: Path, metrics: dict, figures: dict, gallery: list[dict
              "ROC-AUC and PR-AUC with 95% bootstrap intervals (resampling lesions). Sensitivity, specificity, PPV, "
              "NPV and F1 are at the fixed threshold; ECE uses 10 equal-mass bins, before and after temperature "
              f"scaling fitted on validation (T = {fmt(metrics.get('temperature'), '{:.2f}')}); Brier "
-             f"{fmt(metrics.get('brier'))} -> {fmt(metrics.get('brier_calibrated'))}. Latency: batch 1, one thread, "
+             f"{fmt(metrics.get('brier'))} -> {fmt(metrics.get('brier_calibrated'))}; ECE after Platt scaling "
+             f"(which also corrects the base rate shifted by class-weighted training) {fmt(metrics.get('ece_platt'))}. "
+             f"Latency: batch 1, one thread, "
              f"median of {metrics.get('latency_runs')} runs on this machine ({metrics.get('runtime')}).", "",
              "## Referral band", "",
              f"Images whose calibrated logit lies within {fmt(metrics.get('refer_margin_logit'), '{:.2f}')} of the "

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -380,7 +381,23 @@ def run(cfg: Config, resume: bool = False, resume_dir: Optional[str] = None) -> 
     if chained:
         write_json(run_dir / "metrics.json", {"stages": results,
                                               **{f"{k}_val_roc_auc": v["val_roc_auc"] for k, v in results.items()}})
+    if cfg.output.evaluate:
+        evaluate_stages(run_dir, [run_dir / s for s in cfg.stages] if chained else [run_dir])
     return run_dir
+
+
+def evaluate_stages(run_dir: Path, folders: list[Path]) -> Path:
+    """Evaluates each stage on the holdout (in a fresh one-thread process, for honest latency) and compares them."""
+    for folder in folders:
+        if (folder / "eval_holdout" / "report.md").is_file():
+            continue
+        print(f"== evaluate {folder}", flush=True)
+        subprocess.run([sys.executable, "-m", "melanoma_tf.evaluate", "--run", str(folder)], check=True)
+    from melanoma_tf import report
+
+    path = report.compare([str(f) for f in folders], str(run_dir / "compare"))
+    print(f"== comparison: {path}", flush=True)
+    return path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -402,6 +419,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ConfigError, datamod.DataError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except subprocess.CalledProcessError as err:
+        print(f"error: evaluation failed: {' '.join(err.cmd)}", file=sys.stderr)
+        return 1
     print(f"run: {run_dir}", flush=True)
     return 0
 

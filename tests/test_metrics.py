@@ -86,6 +86,14 @@ def test_temperature_scaling_recovers_known_temperature():
     assert M.fit_temperature(zm, ym, "multiclass") == pytest.approx(0.5, rel=0.1)
 
 
+def test_platt_recovers_slope_and_intercept():
+    rng = np.random.default_rng(4)
+    z = rng.normal(0, 3, 20000)
+    y = (rng.random(20000) < M.sigmoid(0.5 * z - 2.0)).astype(int)
+    a, b = M.fit_platt(z, y)
+    assert a == pytest.approx(0.5, abs=0.05) and b == pytest.approx(-2.0, abs=0.1)
+
+
 def test_bootstrap_reproducible_and_resamples_whole_lesions():
     rng = np.random.default_rng(0)
     y = np.repeat(rng.integers(0, 2, 60), 2)  # every lesion has two images

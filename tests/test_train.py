@@ -180,3 +180,70 @@ def test_synthetic_data_is_learnable(tmp_path):
     run_dir = T.run(cfg)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["val_roc_auc"] > 0.9, metrics
+
+
+@pytest.mark.slow
+def test_frozen_teacher_then_finetune_top_block(synthetic_root, tmp_path):
+    overrides = tiny_overrides(synthetic_root, tmp_path, **{
+        "teacher.mode": "frozen", "teacher.epochs": 1, "teacher.finetune_blocks": 1, "teacher.finetune_epochs": 1,
+        "teacher.finetune_lr": 1e-3, "train.lr_schedule": "constant"})
+    cfg = C.load(REPO / "configs" / "teacher_resnet50.yaml", overrides)
+    from melanoma_tf.backend import set_global_seed
+    from melanoma_tf.models import build_teacher, load_model
+
+    set_global_seed(cfg.seed)
+    keras_seeded = build_teacher(cfg.teacher, 32)  # same seed: the initial weights of the run
+    run_dir = T.run(cfg)
+    history = pd.read_csv(run_dir / "history.csv")
+    assert history["phase"].tolist() == ["head", "finetune"]
+    assert history["lr"].iloc[1] == pytest.approx(1e-3)
+    trained = load_model(run_dir / "model.keras")
+    changed = lambda name: not np.allclose(trained.get_layer(name).get_weights()[0],  # noqa: E731
+                                           keras_seeded.get_layer(name).get_weights()[0])
+    assert changed("logits")
+    if json.loads((run_dir / "metrics.json").read_text())["best_epoch"] == 2:
+        assert changed("conv5_block3_3_conv")
+    assert not changed("conv5_block2_3_conv") and not changed("conv1_conv")
+
+
+@pytest.mark.slow
+def test_multiclass_run_and_evaluation(synthetic_root, tmp_path):
+    overrides = tiny_overrides(synthetic_root, tmp_path, **{"data.labels": "multiclass", "loss.name": "wbce",
+                                                            "train.epochs": 1})
+    cfg = C.load(REPO / "configs" / "student_mobilenetv3.yaml", overrides)
+    run_dir = T.run(cfg)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert {"val_roc_auc", "val_pr_auc", "val_bma"} <= set(metrics)
+    from melanoma_tf import evaluate as E
+    from melanoma_tf.models import load_model
+
+    assert load_model(run_dir / "model.keras").output_shape == (None, 7)
+    report = E.evaluate(str(run_dir), n_boot=20, gradcam=1, latency_runs=50)
+    result = json.loads((report.parent / "metrics.json").read_text())
+    mc = result["multiclass"]
+    assert len(mc["confusion_matrix"]) == 7 and 0 <= mc["bma"] <= 1
+    holdout = pd.read_csv(run_dir / "splits.csv").query("split == 'holdout'")
+    assert sum(map(sum, mc["confusion_matrix"])) == len(holdout)
+    assert result["n_melanoma"] == int((holdout["label"] == 4).sum())  # melanoma vs rest from P(mel)
+
+
+def test_early_stopping_on_validation_auc(tmp_path):
+    from melanoma_tf import callbacks as cb
+    from melanoma_tf.backend import keras
+
+    inp = keras.Input((2,))
+    model = keras.Model(inp, keras.layers.Dense(1)(inp))
+    opt = keras.optimizers.Adam()
+    model.compile(optimizer=opt, loss="mse")
+    scores = [0.6, 0.7, 0.65, 0.68, 0.69, 0.9]
+
+    class FakeAuc(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            logs[cb.MONITOR] = scores[epoch]
+
+    history = model.fit(np.zeros((4, 2)), np.zeros((4, 1)), epochs=6, verbose=0,
+                        callbacks=[FakeAuc(), cb.EpochCheckpoint(tmp_path, model, opt, "train", patience=3)])
+    assert len(history.epoch) == 5  # best at epoch 2, three epochs without improvement
+    state = cb.load_state(tmp_path)
+    assert state["best_epoch"] == 2 and state["best"] == 0.7 and state["stopped_phase"] == "train"
+    assert pd.read_csv(tmp_path / "history.csv")["epoch"].tolist() == [1, 2, 3, 4, 5]
