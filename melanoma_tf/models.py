@@ -99,18 +99,22 @@ def unfreeze_top_blocks(model: keras.Model, n_blocks: int) -> list[str]:
 def build_student(cfg: StudentConfig, image_size: int, num_outputs: int = 1) -> keras.Model:
     """MobileNetV3-Small with its own input scaling, avg/max pooling, dropout and a He-initialised head.
 
+    The backbone is :func:`melanoma_tf.mobilenet_v3.mobilenet_v3_small`: Keras's
+    architecture and layer names, with hard-swish as a layer so TF-MOT can quantize it.
+
     Args:
       cfg: student settings (``minimalistic``, width ``alpha``, ``pooling``,
         ``dropout``, ``head_units``, ``bn_momentum``, ``weights``).
       image_size: input side.
       num_outputs: 1 (binary) or 7 (multiclass).
     """
+    from melanoma_tf.mobilenet_v3 import load_backbone_weights, mobilenet_v3_small
+
     weights = _resolve_weights(cfg.weights, "student.weights")
     image = keras.Input((image_size, image_size, 3), name="image")
-    backbone = keras.applications.MobileNetV3Small(
-        input_tensor=image, alpha=cfg.alpha, minimalistic=cfg.minimalistic, include_top=False,
-        weights=weights, include_preprocessing=True)
-    set_batchnorm_momentum(backbone, cfg.bn_momentum)
+    features = mobilenet_v3_small(image, cfg.alpha, cfg.minimalistic, cfg.bn_momentum)
+    backbone = keras.Model(image, features)
+    load_backbone_weights(backbone, weights, image_size, cfg.alpha, cfg.minimalistic)
     pool = keras.layers.GlobalAveragePooling2D if cfg.pooling == "avg" else keras.layers.GlobalMaxPooling2D
     x = pool(name=f"{cfg.pooling}_pool")(backbone.output)
     if cfg.head_units:
@@ -123,6 +127,8 @@ def build_student(cfg: StudentConfig, image_size: int, num_outputs: int = 1) -> 
 
 def load_model(path: str | os.PathLike) -> keras.Model:
     """Loads a ``.keras`` model saved by melanoma_tf (custom layers registered on import)."""
+    from melanoma_tf import mobilenet_v3  # noqa: F401 - registers HardSwish / HardSigmoid for deserialisation
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model file not found: {path}")

@@ -90,3 +90,21 @@ def test_save_load_round_trip(tmp_path, images):
                                teacher.predict(images, verbose=0), atol=1e-5)
     with pytest.raises(FileNotFoundError, match="missing.keras"):
         M.load_model(tmp_path / "missing.keras")
+
+
+@pytest.mark.parametrize("minimalistic, alpha", [(False, 1.0), (True, 0.75), (False, 0.75)])
+def test_student_backbone_is_keras_mobilenet_v3_small(minimalistic, alpha, images):
+    from melanoma_tf.mobilenet_v3 import mobilenet_v3_small
+
+    reference = keras.applications.MobileNetV3Small(input_shape=(32, 32, 3), alpha=alpha, minimalistic=minimalistic,
+                                                     include_top=False, weights=None)
+    image = keras.Input((32, 32, 3))
+    ours = keras.Model(image, mobilenet_v3_small(image, alpha, minimalistic))
+    weighted = lambda m: {l.name: [w.shape for w in l.weights] for l in m.layers if l.weights}  # noqa: E731
+    assert weighted(ours) == weighted(reference)
+    assert ours.count_params() == reference.count_params()
+    for layer in reference.layers:
+        if layer.weights:
+            ours.get_layer(layer.name).set_weights(layer.get_weights())
+    np.testing.assert_allclose(ours(images).numpy(), reference(images).numpy(), rtol=1e-4, atol=1e-4)
+    assert not any(type(l).__name__ == "TFOpLambda" for l in ours.layers)

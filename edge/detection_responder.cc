@@ -1,0 +1,18 @@
+#include "detection_responder.h"
+
+#include "tensorflow/lite/micro/micro_log.h"
+
+Decision Decide(int8_t melanoma_score) {
+  const int distance = static_cast<int>(melanoma_score) - kThresholdQ;
+  if (distance > -kReferMarginQ && distance < kReferMarginQ) {
+    return Decision::kRefer;
+  }
+  return distance >= 0 ? Decision::kMelanoma : Decision::kNotMelanoma;
+}
+
+void RespondToDetection(int8_t melanoma_score) {
+  const Decision decision = Decide(melanoma_score);
+  const float logit = (static_cast<int>(melanoma_score) - kOutputZeroPoint) * kOutputScale;
+  MicroPrintf("melanoma score %d (logit %d/1000): %s", melanoma_score, static_cast<int>(logit * 1000),
+              kDecisionLabels[static_cast<int>(decision)]);
+}

@@ -1,0 +1,9 @@
+#include "main_functions.h"
+
+// On a board, setup() and loop() are called by its runtime; here: run once per image forever.
+int main(int argc, char* argv[]) {
+  setup();
+  while (true) {
+    loop();
+  }
+}

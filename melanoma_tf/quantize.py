@@ -1,0 +1,443 @@
+"""Post-training quantization, quantization-aware training and 4-bit weights, to TFLite.
+
+    python -m melanoma_tf.quantize --run RUN_DIR [--modes fp32,fp16,dynamic,int8,int16x8,int4,qat]
+
+Writes ``RUN_DIR/tflite/<mode>.tflite`` with a sidecar ``<mode>.json`` (input size
+and dtype, quantization scale/zero point, preprocessing, label names, the
+validation-chosen threshold), scores every flatbuffer on the holdout with the
+evaluation code, and prints one comparison table and the size targets. The
+last line printed is ``tflite: <folder>``.
+
+Modes: ``fp32``; ``fp16`` (float16 weights); ``dynamic`` (int8 weights, float
+activations); ``int8`` (full integer, int8 input and output; representative
+data = training-split images, never the holdout); ``int16x8`` (int16
+activations, int8 weights); ``int4`` (weights clustered to 16 values per
+tensor, stored as int8 with dynamic range: 4 bits of information, which the
+gzip size shows); ``qat`` (TF-MOT quantization-aware fine-tuning, continuing
+distillation from the run's teacher when the run was distilled, then full int8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+
+from melanoma_tf import config as cfgmod
+from melanoma_tf import data as datamod
+from melanoma_tf.backend import keras, tf
+from melanoma_tf.files import write_atomic, write_json
+
+log = logging.getLogger("melanoma_tf.quantize")
+
+MODES = ("fp32", "fp16", "dynamic", "int8", "int16x8", "int4", "qat")
+PHONE_BUDGET_MB = 25.0
+MCU_BUDGET_MB = 2.0
+
+
+# --------------------------------------------------------------------------- QAT model
+
+
+def _tfmot():
+    import tensorflow_model_optimization as tfmot
+
+    return tfmot
+
+
+def output_quantize_config():
+    """A QuantizeConfig for weightless layers (hard-swish, hard-sigmoid, Multiply, Rescaling): quantize the output."""
+    Q = _tfmot().quantization.keras
+
+    class OutputQuantizeConfig(Q.QuantizeConfig):
+        def get_weights_and_quantizers(self, layer):
+            return []
+
+        def get_activations_and_quantizers(self, layer):
+            return []
+
+        def set_quantize_weights(self, layer, quantize_weights):
+            pass
+
+        def set_quantize_activations(self, layer, quantize_activations):
+            pass
+
+        def get_output_quantizers(self, layer):
+            return [Q.quantizers.MovingAverageQuantizer(num_bits=8, per_axis=False, symmetric=False,
+                                                        narrow_range=False)]
+
+        def get_config(self):
+            return {}
+
+    return OutputQuantizeConfig
+
+
+def quantization_aware(student: keras.Model) -> keras.Model:
+    """Wraps the student for QAT with TF-MOT; weights are kept, outputs match the float model before training."""
+    from melanoma_tf.mobilenet_v3 import HardSigmoid, HardSwish
+
+    Q = _tfmot().quantization.keras
+    config_cls = output_quantize_config()
+    weightless = (HardSwish, HardSigmoid, keras.layers.Rescaling, keras.layers.Multiply)
+
+    def annotate(layer):
+        if isinstance(layer, weightless):
+            return Q.quantize_annotate_layer(layer, config_cls())
+        if isinstance(layer, keras.layers.InputLayer):
+            return layer
+        return Q.quantize_annotate_layer(layer)
+
+    annotated = keras.models.clone_model(student, clone_function=annotate)
+    annotated.set_weights(student.get_weights())
+    with Q.quantize_scope({"OutputQuantizeConfig": config_cls, "HardSwish": HardSwish, "HardSigmoid": HardSigmoid}):
+        return Q.quantize_apply(annotated)
+
+
+def cluster_4bit(student: keras.Model) -> keras.Model:
+    """Clusters every weight tensor to 16 centroids (4 bits of information per weight), stripped for export."""
+    clustering = _tfmot().clustering.keras
+    clustered = clustering.cluster_weights(
+        student, number_of_clusters=16,
+        cluster_centroids_init=clustering.CentroidInitialization.KMEANS_PLUS_PLUS)
+    return clustering.strip_clustering(clustered)
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+def convert(model: keras.Model, mode: str, representative: Optional[np.ndarray] = None) -> bytes:
+    """Converts a Keras model to a TFLite flatbuffer in one of the modes."""
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    if mode in ("fp32",):
+        pass
+    elif mode == "fp16":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_types = [tf.float16]
+    elif mode in ("dynamic", "int4"):
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    elif mode in ("int8", "qat", "int16x8"):
+        if representative is None:
+            raise ValueError(f"{mode} needs representative images")
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = lambda: ([image[None].astype(np.float32)] for image in representative)
+        if mode == "int16x8":
+            # TFLite has no 16x8 HARD_SWISH kernel: it falls back to float between (de)quantize ops.
+            converter.target_spec.supported_ops = [
+                tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8,
+                tf.lite.OpsSet.TFLITE_BUILTINS]
+        else:
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+            converter.inference_input_type = tf.int8
+            converter.inference_output_type = tf.int8
+    else:
+        raise ValueError(f"unknown quantization mode {mode!r}; choose from {MODES}")
+    return converter.convert()
+
+
+def representative_images(cfg, stage_dir: Path, n: int = 200, seed: int = 0) -> np.ndarray:
+    """Up to n training-split images (never validation or holdout), for calibration."""
+    from melanoma_tf.evaluate import load_images, split_frame
+
+    train = split_frame(cfg, stage_dir, "train")
+    pick = np.random.default_rng(seed).permutation(len(train))[:n]
+    return load_images(train["path"].iloc[np.sort(pick)].tolist(), cfg.data.image_size)
+
+
+def flatbuffer_details(path: Path) -> dict:
+    """Input/output dtype and quantization of a flatbuffer, and its op list."""
+    from melanoma_tf.tflite import TFLiteModel
+
+    model = TFLiteModel(path)
+    inp, out = model._input, model._output
+    return {"input_shape": list(model.input_shape), "input_dtype": np.dtype(inp["dtype"]).name,
+            "input_scale": float(inp["quantization"][0]), "input_zero_point": int(inp["quantization"][1]),
+            "output_dtype": np.dtype(out["dtype"]).name, "output_scale": float(out["quantization"][0]),
+            "output_zero_point": int(out["quantization"][1]), "ops": tflite_ops(path)}
+
+
+def tflite_ops(path: Path) -> list[str]:
+    """The builtin op names a flatbuffer uses (without delegates)."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    interpreter = Interpreter(model_path=str(path),
+                              experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    interpreter.allocate_tensors()
+    return sorted({op["op_name"] for op in interpreter._get_ops_details()})
+
+
+def tflm_arena_bytes(model_bytes: bytes, upper: int = 4 * 1024 * 1024, step: int = 1024) -> Optional[int]:
+    """Smallest TFLite-Micro tensor arena (to ``step`` bytes) in which the model allocates and runs.
+
+    Uses the ``tflite-micro`` wheel (the real TFLM interpreter); None when it is
+    not installed or the model does not run in TFLM at all.
+    """
+    try:
+        from tflite_micro.python.tflite_micro import runtime
+    except ImportError:
+        return None
+
+    def fits(size: int) -> bool:
+        try:
+            interpreter = runtime.Interpreter.from_bytes(model_bytes, arena_size=size)
+            details = interpreter.get_input_details(0)
+            interpreter.set_input(np.zeros(details["shape"], dtype=details["dtype"]), 0)
+            interpreter.invoke()
+            return True
+        except (RuntimeError, ValueError):
+            return False
+
+    with _quiet_stderr():  # TFLM logs every failed allocation of the search to stderr
+        if not fits(upper):
+            return None
+        low, high = 0, upper
+        while high - low > step:
+            mid = (low + high) // 2
+            if fits(mid):
+                high = mid
+            else:
+                low = mid
+    return high
+
+
+class _quiet_stderr:
+    """Silences file descriptor 2 (C++ logging) inside a with-block."""
+
+    def __enter__(self):
+        import os
+
+        sys.stderr.flush()
+        self._saved = os.dup(2)
+        self._null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(self._null, 2)
+
+    def __exit__(self, *exc):
+        import os
+
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        os.close(self._null)
+        return False
+
+
+# --------------------------------------------------------------------------- QAT training
+
+
+def qat_finetune(student: keras.Model, cfg, stage_dir: Path, folder: Path, epochs: int, lr: float) -> keras.Model:
+    """Quantization-aware fine-tuning of the student on the training split.
+
+    If the run was distilled, distillation continues with the same alpha and
+    temperature, from cached teacher logits of the run's teacher; otherwise it
+    is plain fine-tuning with the run's student loss. Keeps the best epoch by
+    validation ROC-AUC; resumable like training (``folder/state.json``).
+    """
+    from melanoma_tf import callbacks as cb
+    from melanoma_tf import models
+    from melanoma_tf.distiller import Distiller
+    from melanoma_tf.evaluate import split_frame
+    from melanoma_tf.pipeline import build_augmenter, class_weights, make_dataset
+    from melanoma_tf.train import PreparedData, _loss_fn, cache_teacher_logits, resolve_teacher_path
+
+    train, val = split_frame(cfg, stage_dir, "train"), split_frame(cfg, stage_dir, "val")
+    binary = cfg.data.labels == "binary"
+    weights = class_weights(train["label"].to_numpy(), 2 if binary else cfg.num_outputs)
+    loss_fn = _loss_fn(cfg, weights)
+    cached, alpha = None, 1.0
+    distilled = (stage_dir / "teacher_logits.npz").is_file() or stage_dir.name == "distill" or (
+        cfg.stages == ("distill",))
+    if distilled:
+        teacher_logits_file = stage_dir / "teacher_logits.npz"
+        data = PreparedData(pd.concat([train.assign(split="train"), val.assign(split="val")]), [], {})
+        if teacher_logits_file.is_file():
+            saved = np.load(teacher_logits_file)
+            if list(saved["image_id"]) == train["image_id"].tolist():
+                cached = saved["logits"]
+        if cached is None:
+            teacher_file = (resolve_teacher_path(cfg.distill.teacher) if cfg.distill.teacher
+                            else stage_dir.parent / "teacher" / "model.keras")
+            cached = cache_teacher_logits(models.load_model(teacher_file), data, cfg, folder)
+        alpha = cfg.distill.alpha
+        log.info("QAT continues distillation (alpha %.2f, T %.1f) from cached teacher logits", alpha,
+                 cfg.distill.temperature)
+    sample_weights = weights[train["label"].to_numpy()] if cfg.data.class_weight == "balanced" else None
+    size, batch = cfg.data.image_size, cfg.train.batch_size
+    train_ds = make_dataset(train["path"].tolist(), train["label"].to_numpy(), size, batch, binary=binary,
+                            training=True, sample_weights=sample_weights, teacher_logits=cached,
+                            augmenter=build_augmenter(cfg.data.augment, cfg.seed), cache=cfg.data.cache,
+                            seed=cfg.seed)
+    val_ds = make_dataset(val["path"].tolist(), val["label"].to_numpy(), size, batch, binary=binary,
+                          cache=cfg.data.cache)
+    qat = quantization_aware(student)
+    optimizer = keras.optimizers.Adam(lr)
+    trainer = Distiller(qat, loss_fn, alpha=alpha, temperature=cfg.distill.temperature, labels=cfg.data.labels)
+    trainer.compile(optimizer=optimizer)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = cb.load_state(folder)
+    if state.get("epoch"):
+        cb.restore_checkpoint(folder, state, qat, optimizer)
+    check = cb.EpochCheckpoint(folder, qat, optimizer, "qat")
+    trainer.fit(train_ds, epochs=epochs, initial_epoch=int(state.get("epoch", 0)), verbose=cfg.train.verbose,
+                callbacks=[cb.ValidationMetrics(qat, val_ds.map(lambda x, y, w: x), val["label"].to_numpy(),
+                                                loss_fn, cfg.data.labels), check])
+    if (folder / "best.weights.h5").is_file():
+        qat.load_weights(str(folder / "best.weights.h5"))
+    return qat
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def quantize_run(run_dir: str | Path, modes: tuple[str, ...] = MODES, qat_epochs: int = 2, qat_lr: float = 1e-4,
+                 n_representative: int = 200, n_boot: int = 500, latency_runs: int = 50) -> Path:
+    """Writes and scores every requested flatbuffer; returns the ``tflite`` folder."""
+    from melanoma_tf import models
+    from melanoma_tf.evaluate import evaluate, resolve_stage_dir
+
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise cfgmod.ConfigError(f"--modes: unknown mode(s) {unknown}; choose from {list(MODES)}")
+    stage_dir = resolve_stage_dir(run_dir)
+    cfg = cfgmod.load(stage_dir / "config.yaml")
+    folder = stage_dir / "tflite"
+    folder.mkdir(parents=True, exist_ok=True)
+    student = models.load_model(stage_dir / "model.keras")
+    if any(type(layer).__name__ == "TFOpLambda" for layer in student.layers) and "qat" in modes:
+        raise cfgmod.ConfigError(f"{stage_dir}/model.keras was built with keras.applications' MobileNetV3 "
+                                 "(TFOpLambda hard-swish), which TF-MOT cannot quantize; retrain with this version")
+    representative = None
+    if {"int8", "int16x8", "qat"} & set(modes):
+        representative = representative_images(cfg, stage_dir, n_representative, cfg.seed)
+    rows = []
+    keras_eval = evaluate(str(stage_dir), split="holdout", out=str(folder / "eval_keras"), n_boot=n_boot,
+                          gradcam=0, latency_runs=latency_runs).parent
+    rows.append(_row("keras fp32", stage_dir / "model.keras", keras_eval))
+    for mode in modes:
+        log.info("converting %s", mode)
+        # TF-MOT's wrappers can alter the layers they wrap: each mode starts from a fresh copy.
+        student = models.load_model(stage_dir / "model.keras")
+        if mode == "qat":
+            source = qat_finetune(student, cfg, stage_dir, folder / "qat_train", qat_epochs, qat_lr)
+        elif mode == "int4":
+            source = cluster_4bit(student)
+        else:
+            source = student
+        blob = convert(source, mode, representative)
+        path = folder / f"{mode}.tflite"
+        write_atomic(path, blob)
+        eval_dir = evaluate(str(stage_dir), str(path), split="holdout", out=str(folder / f"eval_{mode}"),
+                            n_boot=n_boot, gradcam=0, latency_runs=latency_runs).parent
+        sidecar = _sidecar(cfg, stage_dir, path, mode, eval_dir, blob)
+        write_json(folder / f"{mode}.json", sidecar)
+        rows.append(_row(mode, path, eval_dir, sidecar))
+    table = pd.DataFrame(rows)
+    write_atomic(folder / "comparison.csv", table.to_csv(index=False))
+    text = _table_markdown(table)
+    write_atomic(folder / "comparison.md", text + "\n" + "\n".join(_targets(table)) + "\n")
+    print(text)
+    for line in _targets(table):
+        print(line)
+    return folder
+
+
+def _sidecar(cfg, stage_dir: Path, path: Path, mode: str, eval_dir: Path, blob: bytes) -> dict:
+    import json
+
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    details = flatbuffer_details(path)
+    arena = tflm_arena_bytes(blob) if details["input_dtype"] == "int8" else None
+    return {
+        "model": path.name, "mode": mode, "sha256": hashlib.sha256(blob).hexdigest(), "size_bytes": len(blob),
+        "input_size": cfg.data.image_size, **details,
+        "preprocessing": "RGB float in [0, 255], resized to input_size x input_size (bilinear, antialiased); "
+                         "scaling to the network's range is inside the model. For int8 input: "
+                         "q = round(x / input_scale + input_zero_point).",
+        "output": "melanoma logit; probability = sigmoid((q - output_zero_point) * output_scale)"
+        if cfg.data.labels == "binary" else "7 dx logits (softmax)",
+        "labels": cfg.data.labels,
+        "label_names": ["not_melanoma", "melanoma"] if cfg.data.labels == "binary" else list(datamod.DX_CLASSES),
+        "threshold": metrics["threshold"], "threshold_logit": float(np.log(metrics["threshold"])
+                                                                    - np.log1p(-metrics["threshold"])),
+        "target_sensitivity": metrics["target_sensitivity"], "temperature": metrics["temperature"],
+        "refer_margin_logit": metrics["refer_margin_logit"],
+        "tflm_arena_bytes": arena, "source_run": str(stage_dir),
+    }
+
+
+def _row(mode: str, path: Path, eval_dir: Path, sidecar: Optional[dict] = None) -> dict:
+    import json
+
+    m = json.loads((eval_dir / "metrics.json").read_text())
+    blob = path.read_bytes()
+    arena = (sidecar or {}).get("tflm_arena_bytes")
+    return {"mode": mode, "file": path.name, "size_mb": len(blob) / 1e6,
+            "gzip_mb": len(gzip.compress(blob, 9)) / 1e6, "roc_auc": m["roc_auc"], "threshold": m["threshold"],
+            "sensitivity": m["sensitivity"], "specificity": m["specificity"],
+            "latency_ms_median": m["latency_ms_median"], "input_dtype": (sidecar or {}).get("input_dtype", "float32"),
+            "tflm_arena_kb": arena / 1024 if arena else None}
+
+
+def _table_markdown(table: pd.DataFrame) -> str:
+    headers = ["mode", "size MB", "gzip MB", "holdout ROC-AUC", "threshold", "sens", "spec", "latency ms",
+               "input", "TFLM arena KB"]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for r in table.to_dict("records"):
+        arena = f"{r['tflm_arena_kb']:.0f}" if r["tflm_arena_kb"] and np.isfinite(r["tflm_arena_kb"]) else "n/a"
+        lines.append(f"| {r['mode']} | {r['size_mb']:.3f} | {r['gzip_mb']:.3f} | {r['roc_auc']:.3f} | "
+                     f"{r['threshold']:.3f} | {r['sensitivity']:.3f} | {r['specificity']:.3f} | "
+                     f"{r['latency_ms_median']:.2f} | {r['input_dtype']} | {arena} |")
+    return "\n".join(lines)
+
+
+def _targets(table: pd.DataFrame) -> list[str]:
+    rows = {r["mode"]: r for r in table.to_dict("records")}
+    lines = []
+    for mode in ("fp32", "fp16"):
+        if mode in rows:
+            ok = rows[mode]["size_mb"] <= PHONE_BUDGET_MB
+            lines.append(f"target {mode} <= {PHONE_BUDGET_MB:.0f} MB (phone): {rows[mode]['size_mb']:.2f} MB "
+                         f"{'OK' if ok else 'MISSED'}")
+    for mode in ("qat", "int8"):
+        r = rows.get(mode)
+        if r and r["tflm_arena_kb"] and np.isfinite(r["tflm_arena_kb"]):
+            total = r["size_mb"] + r["tflm_arena_kb"] * 1024 / 1e6
+            lines.append(f"target {mode} model + TFLM arena <= {MCU_BUDGET_MB:.0f} MB (microcontroller): "
+                         f"{r['size_mb']:.2f} + {r['tflm_arena_kb'] * 1024 / 1e6:.2f} = {total:.2f} MB "
+                         f"{'OK' if total <= MCU_BUDGET_MB else 'MISSED'}")
+    if "qat" in rows and "keras fp32" in rows:
+        gap = rows["keras fp32"]["roc_auc"] - rows["qat"]["roc_auc"]
+        lines.append(f"target QAT int8 holdout ROC-AUC within 0.01 of float: {rows['qat']['roc_auc']:.4f} vs "
+                     f"{rows['keras fp32']['roc_auc']:.4f} (gap {gap:+.4f}) {'OK' if gap <= 0.01 else 'MISSED'}")
+    return lines
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m melanoma_tf.quantize", description=__doc__.split("\n")[0])
+    parser.add_argument("--run", required=True, help="run folder (a chained run: its last stage)")
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--qat-epochs", type=int, default=2)
+    parser.add_argument("--qat-lr", type=float, default=1e-4)
+    parser.add_argument("--representative", type=int, default=200, help="training images for calibration")
+    parser.add_argument("--bootstrap", type=int, default=500)
+    parser.add_argument("--latency-runs", type=int, default=50)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from melanoma_tf.evaluate import EvaluationError
+
+    # TFLite latencies use one interpreter thread; TensorFlow keeps its threads for QAT training.
+    try:
+        folder = quantize_run(args.run, tuple(m.strip() for m in args.modes.split(",") if m.strip()),
+                              args.qat_epochs, args.qat_lr, args.representative, args.bootstrap, args.latency_runs)
+    except (cfgmod.ConfigError, EvaluationError, datamod.DataError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"tflite: {folder}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

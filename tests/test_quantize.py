@@ -1,0 +1,188 @@
+"""Quantization modes end to end, QAT on the real MobileNetV3-Small, sidecars, C arrays, TFLM parity, Pi tool."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import REPO, tiny_overrides
+from melanoma_tf import config as C
+from melanoma_tf import evaluate as E
+from melanoma_tf import quantize as Q
+from melanoma_tf import synthetic
+from melanoma_tf import train as T
+from melanoma_tf.tflite import TFLiteModel
+
+sys.path.insert(0, str(REPO / "tools"))
+import tflite_to_c  # noqa: E402
+
+SIDECAR_KEYS = {"model", "mode", "sha256", "size_bytes", "input_size", "input_shape", "input_dtype", "input_scale",
+                "input_zero_point", "output_dtype", "output_scale", "output_zero_point", "preprocessing",
+                "label_names", "labels", "threshold", "threshold_logit", "temperature", "refer_margin_logit", "ops"}
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A full (not minimalistic) MobileNetV3-Small student trained to a useful AUC at 48 px."""
+    base = tmp_path_factory.mktemp("quant")
+    root = synthetic.generate(base / "syn", n_lesions=300, melanoma_fraction=0.3, image_size=64, seed=5)
+    cfg = C.load(REPO / "configs" / "student_mobilenetv3.yaml", tiny_overrides(root, base, **{
+        "data.image_size": 48, "train.epochs": 8, "student.minimalistic": False, "student.alpha": 1.0}))
+    return T.run(cfg)
+
+
+@pytest.fixture(scope="module")
+def ptq_folder(trained_run):
+    return Q.quantize_run(trained_run, ("fp32", "fp16", "dynamic", "int8", "int16x8", "int4"), n_boot=50,
+                          latency_runs=50, n_representative=100)
+
+
+@pytest.mark.slow
+def test_every_ptq_mode_converts_loads_scores_and_shrinks(trained_run, ptq_folder):
+    table = pd.read_csv(ptq_folder / "comparison.csv").set_index("mode")
+    keras_auc = table.loc["keras fp32", "roc_auc"]
+    assert keras_auc > 0.85, "the fixture model should be useful"
+    size = table["size_mb"]
+    assert size["fp16"] < 0.6 * size["fp32"]
+    assert size["dynamic"] < 0.35 * size["fp32"] and size["int8"] < 0.35 * size["fp32"]
+    assert table.loc["int4", "gzip_mb"] < 0.8 * table.loc["dynamic", "gzip_mb"]  # 16 values per tensor compress
+    assert table.loc["fp32", "roc_auc"] == pytest.approx(keras_auc, abs=2e-3)
+    for mode, tolerance in (("fp16", 0.01), ("dynamic", 0.03), ("int16x8", 0.03), ("int8", 0.1)):
+        assert table.loc[mode, "roc_auc"] == pytest.approx(keras_auc, abs=tolerance), mode
+    for mode in ("fp32", "fp16", "dynamic", "int8", "int16x8", "int4"):
+        path = ptq_folder / f"{mode}.tflite"
+        assert TFLiteModel(path).predict(np.zeros((2, 48, 48, 3), np.float32)).shape == (2, 1)
+    assert (ptq_folder / "comparison.md").read_text().count("|") > 20
+    int8 = TFLiteModel(ptq_folder / "int8.tflite")
+    assert int8.input_dtype == np.int8 and int8.output_dtype == np.int8
+
+
+@pytest.mark.slow
+def test_sidecar_contract(trained_run, ptq_folder):
+    for mode in ("fp32", "int8"):
+        sidecar = json.loads((ptq_folder / f"{mode}.json").read_text())
+        assert SIDECAR_KEYS <= set(sidecar)
+        blob = (ptq_folder / f"{mode}.tflite").read_bytes()
+        import hashlib
+
+        assert sidecar["sha256"] == hashlib.sha256(blob).hexdigest() and sidecar["size_bytes"] == len(blob)
+        metrics = json.loads((ptq_folder / f"eval_{mode}" / "metrics.json").read_text())
+        assert sidecar["threshold"] == metrics["threshold"]  # validation-chosen for this very model
+        assert sidecar["input_size"] == 48 and sidecar["label_names"] == ["not_melanoma", "melanoma"]
+        model = TFLiteModel(ptq_folder / f"{mode}.tflite")
+        assert sidecar["input_scale"] == pytest.approx(model._input["quantization"][0])
+        assert sidecar["threshold_logit"] == pytest.approx(np.log(sidecar["threshold"] / (1 - sidecar["threshold"])))
+    assert json.loads((ptq_folder / "int8.json").read_text())["tflm_arena_bytes"] > 0
+
+
+@pytest.mark.slow
+def test_qat_on_real_mobilenet_v3_small(trained_run, tmp_path):
+    folder = Q.quantize_run(trained_run, ("qat",), qat_epochs=2, n_boot=50, latency_runs=50, n_representative=100)
+    table = pd.read_csv(folder / "comparison.csv").set_index("mode")
+    assert table.loc["qat", "roc_auc"] == pytest.approx(table.loc["keras fp32", "roc_auc"], abs=0.05)
+    sidecar = json.loads((folder / "qat.json").read_text())
+    assert sidecar["input_dtype"] == sidecar["output_dtype"] == "int8"
+    assert "HARD_SWISH" in sidecar["ops"] and "DEQUANTIZE" not in sidecar["ops"] and "QUANTIZE" not in sidecar["ops"]
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(folder / "qat.tflite"))
+    interpreter.allocate_tensors()
+    dtypes = {d["dtype"].__name__ for d in interpreter.get_tensor_details()}
+    assert dtypes <= {"int8", "int32"}, f"float tensors left in the QAT model: {dtypes}"
+    history = pd.read_csv(folder / "qat_train" / "history.csv")
+    assert history["phase"].tolist() == ["qat", "qat"]
+
+
+def test_quantization_aware_wraps_every_layer_of_the_student():
+    from melanoma_tf import models
+
+    student = models.build_student(C.StudentConfig(), 32)
+    qat = Q.quantization_aware(student)
+    wrapped = [l for l in qat.layers if type(l).__name__ == "QuantizeWrapperV2"]
+    assert len(wrapped) > 50
+    assert not any(type(l).__name__ == "TFOpLambda" for l in qat.layers)
+    with pytest.raises(ValueError, match="unknown quantization mode"):
+        Q.convert(student, "int3")
+
+
+@pytest.mark.slow
+def test_c_array_round_trip_and_tflm_parity(trained_run, ptq_folder, tmp_path):
+    model = ptq_folder / "int8.tflite"
+    blob = model.read_bytes()
+    cfg = C.load(trained_run / "config.yaml")
+    holdout = E.split_frame(cfg, trained_run, "holdout")
+    files = tflite_to_c.generate(model, tmp_path / "gen", Path(holdout["path"].iloc[0]))
+    assert {f.name for f in files} == {"model_data.h", "model_data.cc", "test_image.h", "test_image.cc"}
+    assert tflite_to_c.parse_c_array((tmp_path / "gen" / "model_data.cc").read_text(), "g_model_data") == blob
+    header = (tmp_path / "gen" / "model_data.h").read_text()
+    sidecar = json.loads(model.with_suffix(".json").read_text())
+    for op in sidecar["ops"]:
+        assert tflite_to_c.OP_RESOLVER_METHODS[op] in header
+    assert f"constexpr int kNumOps = {len(sidecar['ops'])};" in header
+    assert "alignas(16)" in (tmp_path / "gen" / "model_data.cc").read_text()
+
+    # TFLite-Micro (the real interpreter, from the tflite-micro wheel) vs TFLite on the same int8 inputs
+    from tflite_micro.python.tflite_micro import runtime
+
+    arena = sidecar["tflm_arena_bytes"]
+    micro = runtime.Interpreter.from_bytes(blob, arena_size=arena)
+    lite = TFLiteModel(model)
+    images = E.load_images(holdout["path"].tolist()[:12], 48)
+    for image in images:
+        q = lite.quantize_input(image[None])
+        micro.set_input(q, 0)
+        micro.invoke()
+        assert abs(int(micro.get_output(0).reshape(-1)[0]) - int(lite.run_raw(q).reshape(-1)[0])) <= 1
+    assert len(blob) + arena <= 2_000_000
+    assert Q.tflm_arena_bytes(blob) == arena
+    # the embedded test image and its expected score agree with the Python interpreter
+    test_image = tflite_to_c.parse_c_array((tmp_path / "gen" / "test_image.cc").read_text(), "g_test_image")
+    q = np.frombuffer(test_image, dtype=np.int8).reshape(1, 48, 48, 3)
+    expected = int((tmp_path / "gen" / "test_image.h").read_text().split("kTestImageExpectedScore = ")[1].split(";")[0])
+    assert expected == int(lite.run_raw(q).reshape(-1)[0])
+
+
+def test_tflite_to_c_rejects_bad_inputs(tmp_path):
+    bad = tmp_path / "bad.tflite"
+    bad.write_bytes(b"not a model at all")
+    with pytest.raises(SystemExit, match="not a TFLite flatbuffer"):
+        tflite_to_c.generate(bad, tmp_path / "out")
+    with pytest.raises(SystemExit, match="not found"):
+        tflite_to_c.generate(tmp_path / "missing.tflite", tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_benchmark_tool(trained_run, ptq_folder, tmp_path):
+    tool = REPO / "tools" / "benchmark_tflite.py"
+    holdout = pd.read_csv(trained_run / "splits.csv").query("split == 'holdout'")
+    root = Path(C.load(trained_run / "config.yaml").data.root)
+    labels = tmp_path / "labels.csv"
+    holdout[["image_id", "label"]].to_csv(labels, index=False)
+    out = tmp_path / "bench.json"
+    result = subprocess.run([sys.executable, str(tool), str(ptq_folder / "int8.tflite"), str(ptq_folder / "fp32.tflite"),
+                             "--runs", "20", "--warmup", "2", "--images", str(root / "images"), "--labels", str(labels),
+                             "--json", str(out), "--csv", str(tmp_path / "bench.csv")],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())
+    assert [Path(r["model"]).name for r in rows] == ["int8.tflite", "fp32.tflite"]
+    for row in rows:
+        assert row["runtime"] == "ai_edge_litert" and row["runs"] == 20
+        assert 0 < row["latency_ms_min"] <= row["latency_ms_median"] <= row["latency_ms_p99"] <= row["latency_ms_max"]
+        assert row["peak_rss_mb"] > 10 and row["n_images"] == len(holdout)
+    evaluated = json.loads((ptq_folder / "eval_int8" / "metrics.json").read_text())
+    assert rows[0]["roc_auc"] == pytest.approx(evaluated["roc_auc"], abs=0.03)  # PIL vs TF resize differ slightly
+    assert rows[0]["input_dtype"] == "int8" and (tmp_path / "bench.csv").is_file()
+    # the tool must not depend on melanoma_tf or TensorFlow
+    source = tool.read_text()
+    assert "melanoma_tf" not in source.replace("never imports melanoma_tf", "")
+    missing = subprocess.run([sys.executable, str(tool), str(tmp_path / "nope.tflite")], capture_output=True, text=True)
+    assert missing.returncode != 0 and "nope.tflite" in missing.stderr
+    junk = tmp_path / "junk.tflite"
+    junk.write_bytes(b"junk")
+    invalid = subprocess.run([sys.executable, str(tool), str(junk)], capture_output=True, text=True)
+    assert invalid.returncode != 0 and "not a valid TFLite model" in invalid.stderr

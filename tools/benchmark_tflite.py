@@ -1,0 +1,215 @@
+#!/usr/bin/env python3
+"""Benchmark TFLite melanoma models on a Raspberry Pi (or any machine): latency, memory, accuracy.
+
+    python benchmark_tflite.py MODEL.tflite [MODEL2.tflite ...] [--threads N] [--warmup N] [--runs N]
+        [--images DIR --labels CSV] [--json OUT] [--csv OUT]
+
+Needs only numpy and one TFLite runtime: ``ai_edge_litert`` (pip install ai-edge-litert),
+else ``tflite_runtime``, else ``tensorflow.lite``. It never imports melanoma_tf.
+With ``--images`` it also scores ROC-AUC, sensitivity and specificity, using the
+threshold from the model's sidecar JSON (``MODEL.json`` beside ``MODEL.tflite``);
+images are decoded with Pillow if present (JPEG/PNG), resized to the model input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def load_runtime():
+    """(Interpreter class, runtime name, version): ai_edge_litert, tflite_runtime, or tensorflow.lite."""
+    try:
+        from ai_edge_litert import interpreter as litert
+
+        import ai_edge_litert
+
+        return litert.Interpreter, "ai_edge_litert", getattr(ai_edge_litert, "__version__", "unknown")
+    except ImportError:
+        pass
+    try:
+        from tflite_runtime.interpreter import Interpreter
+
+        import tflite_runtime
+
+        return Interpreter, "tflite_runtime", getattr(tflite_runtime, "__version__", "unknown")
+    except ImportError:
+        pass
+    try:
+        import tensorflow as tf
+
+        return tf.lite.Interpreter, "tensorflow.lite", tf.__version__
+    except ImportError:
+        raise SystemExit("error: no TFLite runtime found; install one: pip install ai-edge-litert") from None
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MB (ru_maxrss is KB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1e6 if sys.platform == "darwin" else peak / 1e3
+
+
+def quantize(x: np.ndarray, detail: dict) -> np.ndarray:
+    dtype = detail["dtype"]
+    if np.issubdtype(dtype, np.floating):
+        return x.astype(dtype)
+    scale, zero = detail["quantization"]
+    info = np.iinfo(dtype)
+    return np.clip(np.round(x / scale + zero), info.min, info.max).astype(dtype)
+
+
+def dequantize(q: np.ndarray, detail: dict) -> np.ndarray:
+    if np.issubdtype(detail["dtype"], np.floating):
+        return q.astype(np.float32)
+    scale, zero = detail["quantization"]
+    return (q.astype(np.float32) - zero) * scale
+
+
+def roc_auc(y: np.ndarray, s: np.ndarray) -> float:
+    """Mann-Whitney ROC-AUC with ties counted one half."""
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(len(s))
+    sorted_s = s[order]
+    i = 0
+    while i < len(s):  # average ranks over ties
+        j = i
+        while j + 1 < len(s) and sorted_s[j + 1] == sorted_s[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    n_pos, n_neg = int(y.sum()), int(len(y) - y.sum())
+    if not n_pos or not n_neg:
+        return float("nan")
+    return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def load_image(path: Path, size: int) -> np.ndarray:
+    try:
+        from PIL import Image
+    except ImportError:
+        raise SystemExit("error: scoring images needs Pillow (pip install pillow)") from None
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.float32)
+
+
+def read_labels(images: Path, labels: Path) -> list[tuple[Path, int]]:
+    if not labels.is_file():
+        raise SystemExit(f"error: labels file not found: {labels}")
+    if not images.is_dir():
+        raise SystemExit(f"error: image folder not found: {images}")
+    files = {p.stem: p for p in images.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png")}
+    rows = []
+    with open(labels, newline="") as handle:
+        reader = csv.DictReader(handle)
+        if not reader.fieldnames or "image_id" not in reader.fieldnames or "label" not in reader.fieldnames:
+            raise SystemExit(f"error: {labels}: expected columns image_id,label")
+        for line, row in enumerate(reader, start=2):
+            image_id = Path(row["image_id"]).stem
+            if image_id not in files:
+                raise SystemExit(f"error: {labels}: row {line}: no image {image_id!r} in {images}")
+            if row["label"] not in ("0", "1"):
+                raise SystemExit(f"error: {labels}: row {line}: label must be 0 or 1, got {row['label']!r}")
+            rows.append((files[image_id], int(row["label"])))
+    return rows
+
+
+def benchmark(model_path: Path, threads: int, warmup: int, runs: int, labelled=None) -> dict:
+    interpreter_cls, runtime, version = load_runtime()
+    if not model_path.is_file():
+        raise SystemExit(f"error: model file not found: {model_path}")
+    try:
+        interpreter = interpreter_cls(model_path=str(model_path), num_threads=threads)
+        interpreter.allocate_tensors()
+    except (ValueError, RuntimeError) as err:
+        raise SystemExit(f"error: {model_path} is not a valid TFLite model: {err}") from None
+    inp = interpreter.get_input_details()[0]
+    out = interpreter.get_output_details()[0]
+    shape = [int(d) for d in inp["shape"]]
+    x = quantize(np.random.default_rng(0).uniform(0, 255, shape).astype(np.float32), inp)
+    for _ in range(warmup):
+        interpreter.set_tensor(inp["index"], x)
+        interpreter.invoke()
+    times = []
+    for _ in range(runs):
+        interpreter.set_tensor(inp["index"], x)
+        start = time.perf_counter()
+        interpreter.invoke()
+        times.append((time.perf_counter() - start) * 1e3)
+    t = np.asarray(times)
+    result = {
+        "model": str(model_path), "runtime": runtime, "runtime_version": version, "machine": platform.machine(),
+        "threads": threads, "size_mb": os.path.getsize(model_path) / 1e6, "input_shape": shape,
+        "input_dtype": np.dtype(inp["dtype"]).name, "output_dtype": np.dtype(out["dtype"]).name,
+        "runs": runs, "warmup": warmup, "latency_ms_min": float(t.min()), "latency_ms_median": float(np.median(t)),
+        "latency_ms_p90": float(np.percentile(t, 90)), "latency_ms_p99": float(np.percentile(t, 99)),
+        "latency_ms_max": float(t.max()),
+    }
+    if labelled:
+        sidecar_path = model_path.with_suffix(".json")
+        if not sidecar_path.is_file():
+            raise SystemExit(f"error: scoring needs the threshold from the sidecar {sidecar_path}")
+        threshold = float(json.loads(sidecar_path.read_text())["threshold"])
+        scores, labels = [], []
+        for path, label in labelled:
+            image = load_image(path, shape[1])[None]
+            interpreter.set_tensor(inp["index"], quantize(image, inp))
+            interpreter.invoke()
+            logit = float(dequantize(interpreter.get_tensor(out["index"]), out).reshape(-1)[0])
+            scores.append(1 / (1 + np.exp(-logit)))
+            labels.append(label)
+        y, s = np.asarray(labels), np.asarray(scores)
+        called = s >= threshold
+        result.update({"n_images": len(y), "threshold": threshold, "roc_auc": roc_auc(y, s),
+                       "sensitivity": float(called[y == 1].mean()) if (y == 1).any() else float("nan"),
+                       "specificity": float((~called[y == 0]).mean()) if (y == 0).any() else float("nan")})
+    result["peak_rss_mb"] = peak_rss_mb()
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("models", nargs="+", help=".tflite files")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--runs", type=int, default=100)
+    parser.add_argument("--images", help="image folder (with --labels) to score accuracy")
+    parser.add_argument("--labels", help="CSV image_id,label (0/1)")
+    parser.add_argument("--json", help="write results as JSON here")
+    parser.add_argument("--csv", help="write results as CSV here")
+    args = parser.parse_args(argv)
+    if (args.images is None) != (args.labels is None):
+        parser.error("--images and --labels go together")
+    if args.runs < 1 or args.warmup < 0 or args.threads < 1:
+        parser.error("--runs and --threads must be >= 1, --warmup >= 0")
+    labelled = read_labels(Path(args.images), Path(args.labels)) if args.images else None
+    results = [benchmark(Path(m), args.threads, args.warmup, args.runs, labelled) for m in args.models]
+    keys = ["model", "runtime", "size_mb", "input_dtype", "latency_ms_median", "latency_ms_p90", "peak_rss_mb"]
+    if labelled:
+        keys += ["roc_auc", "sensitivity", "specificity"]
+    print(f"runtime: {results[0]['runtime']} {results[0]['runtime_version']} on {results[0]['machine']}, "
+          f"{args.threads} thread(s), {args.runs} runs after {args.warmup} warm-up")
+    print(" | ".join(keys))
+    for r in results:
+        print(" | ".join(f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k]) for k in keys))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    if args.csv:
+        fields = sorted({k for r in results for k in r})
+        with open(args.csv, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
