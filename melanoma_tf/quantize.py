@@ -14,7 +14,9 @@ data = training-split images, never the holdout); ``int16x8`` (int16
 activations, int8 weights); ``int4`` (weights clustered to 16 values per
 tensor, stored as int8 with dynamic range: 4 bits of information, which the
 gzip size shows); ``qat`` (TF-MOT quantization-aware fine-tuning, continuing
-distillation from the run's teacher when the run was distilled, then full int8).
+distillation from the run's teacher when the run was distilled, then full int8);
+``fp64`` (not a flatbuffer: the Keras model computing in float64, the 64-bit
+reference of the bit-width comparison, saved as ``fp64.keras``).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from melanoma_tf.files import write_atomic, write_json
 
 log = logging.getLogger("melanoma_tf.quantize")
 
-MODES = ("fp32", "fp16", "dynamic", "int8", "int16x8", "int4", "qat")
+MODES = ("fp32", "fp16", "dynamic", "int8", "int16x8", "int4", "qat", "fp64")
 PHONE_BUDGET_MB = 25.0
 MCU_BUDGET_MB = 2.0
 
@@ -97,6 +99,18 @@ def quantization_aware(student: keras.Model) -> keras.Model:
     annotated.set_weights(student.get_weights())
     with Q.quantize_scope({"OutputQuantizeConfig": config_cls, "HardSwish": HardSwish, "HardSigmoid": HardSigmoid}):
         return Q.quantize_apply(annotated)
+
+
+def float64_copy(model: keras.Model) -> keras.Model:
+    """The same model computing in float64 (the 64-bit reference of the bit-width comparison)."""
+    config = model.get_config()
+    for layer in config["layers"]:
+        layer["config"]["dtype"] = "float64"
+        if layer["class_name"] == "InputLayer":
+            layer["config"]["dtype"] = "float64"
+    copy = keras.Model.from_config(config)
+    copy.set_weights([w.astype(np.float64) for w in model.get_weights()])
+    return copy
 
 
 def cluster_4bit(student: keras.Model) -> keras.Model:
@@ -312,14 +326,19 @@ def quantize_run(run_dir: str | Path, modes: tuple[str, ...] = MODES, qat_epochs
     representative = None
     if {"int8", "int16x8", "qat"} & set(modes):
         representative = representative_images(cfg, stage_dir, n_representative, cfg.seed)
-    rows = []
-    keras_eval = evaluate(str(stage_dir), split="holdout", out=str(folder / "eval_keras"), n_boot=n_boot,
-                          gradcam=0, latency_runs=latency_runs).parent
-    rows.append(_row("keras fp32", stage_dir / "model.keras", keras_eval))
+    if not (folder / "eval_keras" / "metrics.json").is_file():
+        evaluate(str(stage_dir), split="holdout", out=str(folder / "eval_keras"), n_boot=n_boot, gradcam=0,
+                 latency_runs=latency_runs)
     for mode in modes:
         log.info("converting %s", mode)
         # TF-MOT's wrappers can alter the layers they wrap: each mode starts from a fresh copy.
         student = models.load_model(stage_dir / "model.keras")
+        if mode == "fp64":
+            path = folder / "fp64.keras"
+            models.save_model(float64_copy(student), path)
+            evaluate(str(stage_dir), str(path), split="holdout", out=str(folder / "eval_fp64"), n_boot=n_boot,
+                     gradcam=0, latency_runs=latency_runs)
+            continue
         if mode == "qat":
             source = qat_finetune(student, cfg, stage_dir, folder / "qat_train", qat_epochs, qat_lr)
         elif mode == "int4":
@@ -333,7 +352,16 @@ def quantize_run(run_dir: str | Path, modes: tuple[str, ...] = MODES, qat_epochs
                             n_boot=n_boot, gradcam=0, latency_runs=latency_runs).parent
         sidecar = _sidecar(cfg, stage_dir, path, mode, eval_dir, blob)
         write_json(folder / f"{mode}.json", sidecar)
-        rows.append(_row(mode, path, eval_dir, sidecar))
+    # The table covers every mode converted in this folder so far, so runs with different --modes add up.
+    import json
+
+    rows = [_row("keras fp32", stage_dir / "model.keras", folder / "eval_keras")]
+    for mode in MODES:
+        path = folder / (f"{mode}.keras" if mode == "fp64" else f"{mode}.tflite")
+        if path.is_file() and (folder / f"eval_{mode}" / "metrics.json").is_file():
+            sidecar_path = folder / f"{mode}.json"
+            rows.append(_row(mode, path, folder / f"eval_{mode}",
+                             json.loads(sidecar_path.read_text()) if sidecar_path.is_file() else None))
     table = pd.DataFrame(rows)
     write_atomic(folder / "comparison.csv", table.to_csv(index=False))
     text = _table_markdown(table)

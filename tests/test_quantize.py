@@ -37,7 +37,7 @@ def trained_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ptq_folder(trained_run):
-    return Q.quantize_run(trained_run, ("fp32", "fp16", "dynamic", "int8", "int16x8", "int4"), n_boot=50,
+    return Q.quantize_run(trained_run, ("fp32", "fp16", "dynamic", "int8", "int16x8", "int4", "fp64"), n_boot=50,
                           latency_runs=50, n_representative=100)
 
 
@@ -51,6 +51,9 @@ def test_every_ptq_mode_converts_loads_scores_and_shrinks(trained_run, ptq_folde
     assert size["dynamic"] < 0.35 * size["fp32"] and size["int8"] < 0.35 * size["fp32"]
     assert table.loc["int4", "gzip_mb"] < 0.8 * table.loc["dynamic", "gzip_mb"]  # 16 values per tensor compress
     assert table.loc["fp32", "roc_auc"] == pytest.approx(keras_auc, abs=2e-3)
+    assert table.loc["fp64", "roc_auc"] == pytest.approx(keras_auc, abs=2e-3)
+    fp64 = json.loads((ptq_folder / "eval_fp64" / "metrics.json").read_text())
+    assert fp64["model"].endswith("fp64.keras")
     for mode, tolerance in (("fp16", 0.01), ("dynamic", 0.03), ("int16x8", 0.03), ("int8", 0.1)):
         assert table.loc[mode, "roc_auc"] == pytest.approx(keras_auc, abs=tolerance), mode
     for mode in ("fp32", "fp16", "dynamic", "int8", "int16x8", "int4"):
@@ -80,7 +83,7 @@ def test_sidecar_contract(trained_run, ptq_folder):
 
 
 @pytest.mark.slow
-def test_qat_on_real_mobilenet_v3_small(trained_run, tmp_path):
+def test_qat_on_real_mobilenet_v3_small(trained_run, ptq_folder, tmp_path):
     folder = Q.quantize_run(trained_run, ("qat",), qat_epochs=2, n_boot=50, latency_runs=50, n_representative=100)
     table = pd.read_csv(folder / "comparison.csv").set_index("mode")
     assert table.loc["qat", "roc_auc"] == pytest.approx(table.loc["keras fp32", "roc_auc"], abs=0.05)
@@ -93,6 +96,7 @@ def test_qat_on_real_mobilenet_v3_small(trained_run, tmp_path):
     interpreter.allocate_tensors()
     dtypes = {d["dtype"].__name__ for d in interpreter.get_tensor_details()}
     assert dtypes <= {"int8", "int32"}, f"float tensors left in the QAT model: {dtypes}"
+    assert "int8" in table.index, "the comparison keeps the modes converted earlier in this folder"
     history = pd.read_csv(folder / "qat_train" / "history.csv")
     assert history["phase"].tolist() == ["qat", "qat"]
 
