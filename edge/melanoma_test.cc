@@ -1,5 +1,5 @@
 // Parity test: the C++ TFLM output for the embedded test image equals the score the
-// Python TFLite interpreter gave for the same int8 input (kTestImageExpectedScore,
+// TFLite reference kernels gave for the same int8 input (kTestImageExpectedScore,
 // written by tools/tflite_to_c.py), within one quantization step.
 #include <cstdlib>
 #include <cstring>

@@ -23,7 +23,7 @@ from melanoma_tf.files import write_atomic
 
 # The first table of every report and of compare: (key, header, format).
 SUMMARY_COLUMNS = [
-    ("roc_auc", "ROC-AUC", "{:.3f}"), ("pr_auc", "PR-AUC", "{:.3f}"), ("threshold", "threshold", "{:.3f}"),
+    ("roc_auc", "ROC-AUC", "{:.3f}"), ("pr_auc", "PR-AUC", "{:.3f}"), ("threshold", "threshold", "{:.3g}"),
     ("sensitivity", "sens", "{:.3f}"), ("specificity", "spec", "{:.3f}"), ("ppv", "PPV", "{:.3f}"),
     ("npv", "NPV", "{:.3f}"), ("f1", "F1", "{:.3f}"), ("ece", "ECE", "{:.3f}"),
     ("ece_calibrated", "ECE (T-scaled)", "{:.3f}"), ("params", "params", "{:,}"),

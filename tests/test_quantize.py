@@ -134,7 +134,7 @@ def test_c_array_round_trip_and_tflm_parity(trained_run, ptq_folder, tmp_path):
 
     arena = sidecar["tflm_arena_bytes"]
     micro = runtime.Interpreter.from_bytes(blob, arena_size=arena)
-    lite = TFLiteModel(model)
+    lite = TFLiteModel(model, reference_kernels=True)  # TFLM implements the reference kernels' arithmetic
     images = E.load_images(holdout["path"].tolist()[:12], 48)
     for image in images:
         q = lite.quantize_input(image[None])

@@ -142,14 +142,18 @@ const unsigned int g_model_data_len = {len(blob)};
 
 
 def reference_score(model_path: Path, q: np.ndarray) -> int:
-    """The int8 output of the TFLite (not Micro) interpreter for the quantized image: the parity target."""
+    """The int8 output of TFLite's reference kernels for the quantized image: the C++ parity target.
+
+    TFLite-Micro implements the reference kernels' arithmetic; TFLite's default
+    XNNPACK int8 path rounds differently (several steps apart on MobileNetV3).
+    """
     try:
-        from ai_edge_litert.interpreter import Interpreter
+        from ai_edge_litert.interpreter import Interpreter, OpResolverType
     except ImportError:
         import tensorflow as tf
 
-        Interpreter = tf.lite.Interpreter
-    interpreter = Interpreter(model_path=str(model_path))
+        Interpreter, OpResolverType = tf.lite.Interpreter, tf.lite.experimental.OpResolverType
+    interpreter = Interpreter(model_path=str(model_path), experimental_op_resolver_type=OpResolverType.BUILTIN_REF)
     interpreter.allocate_tensors()
     interpreter.set_tensor(interpreter.get_input_details()[0]["index"], q[None])
     interpreter.invoke()
