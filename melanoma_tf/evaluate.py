@@ -314,6 +314,12 @@ def evaluate(run_dir: Optional[str] = None, model_path: Optional[str] = None, sp
 
         gallery = gradcam_gallery(model.keras_model, test, predictions["probability"].to_numpy(), test_y,
                                   result["threshold"], out_dir / "gradcam", per_kind=gradcam)
+    if cfg is not None:
+        cfgmod.save(cfg, out_dir / "config.yaml")  # the run's resolved config, beside what it produced
+    write_json(out_dir / "evaluation.json", {
+        "run": str(stage_dir) if stage_dir else None, "model": str(model_file), "split": tag,
+        "images": images, "labels": labels, "target_sensitivity": target_sensitivity,
+        "refer_fraction": refer_fraction, "bootstrap": n_boot, "seed": seed, "sidecar": sidecar})
     write_json(out_dir / "metrics.json", result)
     return report.write_report(out_dir, result, figures, gallery)
 

@@ -102,3 +102,20 @@ def scatter_plot(path: Path, xs, ys, labels, xlabel: str, title: str, log_x: boo
         ax.set_xscale("log")
     ax.set(xlabel=xlabel, ylabel="ROC-AUC", title=title)
     return save(fig, path)
+
+
+def history_plot(path: Path, history: list[dict]) -> str:
+    """Training loss and validation ROC-AUC per epoch."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    epochs = [row["epoch"] for row in history]
+    for key in ("loss", "student_loss", "kd_loss", "val_loss"):
+        if all(key in row for row in history):
+            left.plot(epochs, [row[key] for row in history], "o-", label=key)
+    left.set(xlabel="epoch", title="losses")
+    left.legend(fontsize=7)
+    for key in ("val_roc_auc", "val_pr_auc"):
+        if all(key in row for row in history):
+            right.plot(epochs, [row[key] for row in history], "o-", label=key)
+    right.set(xlabel="epoch", title="validation", ylim=(0, 1))
+    right.legend(fontsize=7)
+    return save(fig, path)

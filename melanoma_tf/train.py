@@ -345,6 +345,10 @@ def train_stage(stage: str, cfg: Config, data: PreparedData, folder: Path, teach
     }
     if "val_bma" in best:
         result["val_bma"] = best["val_bma"]
+    if history:
+        from melanoma_tf.plots import history_plot
+
+        history_plot(folder / "history.png", history)
     write_json(folder / "metrics.json", result)
     return result
 

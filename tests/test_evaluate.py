@@ -62,6 +62,8 @@ def test_evaluate_run_holdout(tiny_run, capsys):
     assert "| ROC-AUC | PR-AUC | threshold |" in text and "Subgroup audit" in text
     for png in ("roc.png", "pr.png", "reliability.png", "threshold_sweep.png", "confusion.png"):
         assert (out / png).stat().st_size > 1000
+    assert C.load(out / "config.yaml") == C.load(tiny_run / "config.yaml")
+    assert json.loads((out / "evaluation.json").read_text())["split"] == "holdout"
     assert metrics["latency_runs"] == 50 and metrics["params"] > 0 and metrics["flops"] > 0
 
 

@@ -127,6 +127,8 @@ def test_c_array_round_trip_and_tflm_parity(trained_run, ptq_folder, tmp_path):
     for op in sidecar["ops"]:
         assert tflite_to_c.OP_RESOLVER_METHODS[op] in header
     assert f"constexpr int kNumOps = {len(sidecar['ops'])};" in header
+    scale = float(header.split("kInputScale = ")[1].split("f;")[0])
+    assert scale == pytest.approx(sidecar["input_scale"]) and "e" in header.split("kInputScale = ")[1].split(";")[0]
     assert "alignas(16)" in (tmp_path / "gen" / "model_data.cc").read_text()
 
     # TFLite-Micro (the real interpreter, from the tflite-micro wheel) vs TFLite on the same int8 inputs

@@ -35,8 +35,8 @@ def sets(overrides):
 
 
 def check_stage_folder(folder: Path, epochs: int):
-    for name in ("config.yaml", "splits.csv", "splits.json", "history.csv", "metrics.json", "model.keras",
-                 "best.weights.h5", "state.json"):
+    for name in ("config.yaml", "splits.csv", "splits.json", "history.csv", "history.png", "metrics.json",
+                 "model.keras", "best.weights.h5", "state.json"):
         assert (folder / name).is_file(), f"{folder}/{name} missing"
     assert (folder / "tensorboard").is_dir()
     splits = pd.read_csv(folder / "splits.csv")

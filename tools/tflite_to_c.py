@@ -46,6 +46,11 @@ def list_ops(model_path: Path) -> list[str]:
     return sorted({op["op_name"] for op in interpreter._get_ops_details()})
 
 
+def c_float(value: float) -> str:
+    """A C++ float literal that is valid for every value (``1.0`` must not become ``1f``)."""
+    return f"{float(value):.9e}f"
+
+
 def c_array(data: bytes, per_line: int = 16) -> str:
     lines = []
     for start in range(0, len(data), per_line):
@@ -103,9 +108,9 @@ extern const unsigned char g_model_data[];
 extern const unsigned int g_model_data_len;
 
 constexpr int kModelInputSize = {size};
-constexpr float kInputScale = {float(sidecar['input_scale']):.9g}f;
+constexpr float kInputScale = {c_float(sidecar['input_scale'])};
 constexpr int kInputZeroPoint = {int(sidecar['input_zero_point'])};
-constexpr float kOutputScale = {out_scale:.9g}f;
+constexpr float kOutputScale = {c_float(out_scale)};
 constexpr int kOutputZeroPoint = {out_zero};
 // Validation-chosen operating point ({sidecar.get('target_sensitivity', 0.95)} sensitivity):
 // melanoma when logit >= {threshold_logit:.6f}, i.e. int8 score >= kThresholdQ.

@@ -1,0 +1,3 @@
+// Declarations only (see tests/tflm_api/README.md): the subset of the TFLite-Micro API used by edge/.
+#pragma once
+void MicroPrintf(const char* format, ...);
