@@ -45,7 +45,7 @@ def resolve_stage_dir(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise EvaluationError(f"--run {run_dir}: not a run folder (no config.yaml)")
-    if (run_dir / "model.keras").is_file() or (run_dir / "predictions_val.csv").is_file():
+    if (run_dir / "model.keras").is_file():
         return run_dir
     cfg = cfgmod.load(run_dir / "config.yaml")
     for stage in reversed(cfg.stages):

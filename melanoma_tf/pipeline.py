@@ -97,7 +97,11 @@ def make_dataset(paths: list[str], labels: np.ndarray, image_size: int, batch_si
     if cache == "memory":
         images = images.cache()
     elif cache and cache != "none":
-        images = images.cache(f"{cache}_{image_size}")
+        # One cache file per image list and size: train and validation must never share one.
+        import hashlib
+
+        key = hashlib.sha1("\n".join(paths).encode()).hexdigest()[:12]
+        images = images.cache(f"{cache}_{image_size}px_{key}")
     parts = [images, tf.data.Dataset.from_tensor_slices(label_tensor),
              tf.data.Dataset.from_tensor_slices(weights)]
     if teacher_logits is not None:

@@ -89,3 +89,17 @@ def test_class_weights_balanced():
     w7 = class_weights(np.array([0, 0, 1, 5]), 7)
     np.testing.assert_allclose(w7[[0, 1, 5]], [4 / 6, 4 / 3, 4 / 3])
     assert w7[2] == 1.0  # absent class keeps weight 1
+
+
+def test_file_cache_is_per_image_list(frame, tmp_path):
+    prefix = str(tmp_path / "cache")
+    half = len(frame) // 2
+    first = make_dataset(frame["path"].tolist()[:half], frame["label"].to_numpy()[:half], 16, 8, cache=prefix)
+    second = make_dataset(frame["path"].tolist()[half:], frame["label"].to_numpy()[half:], 16, 8, cache=prefix)
+    a, _, _ = collect(first)
+    b, _, _ = collect(second)
+    assert not np.array_equal(a[:4], b[:4]), "the second list must not read the first list's cache"
+    assert len(list(tmp_path.glob("cache_16px_*.index"))) == 2
+    again, _, _ = collect(make_dataset(frame["path"].tolist()[:half], frame["label"].to_numpy()[:half], 16, 8,
+                                       cache=prefix))
+    np.testing.assert_array_equal(again, a)

@@ -1,0 +1,65 @@
+#!/usr/bin/env python3
+"""Inference speed: ResNet50 teacher fp32 vs MobileNetV3-Small student fp32 / fp16 / int8, TFLite, batch 1, 1 thread.
+
+    python tools/benchmark_inference.py [--size 224] [--runs 100] [--warmup 10] [--json OUT]
+
+Builds both models (random weights: speed does not depend on them), converts
+them in one run, times each flatbuffer with one interpreter thread, and prints
+median latency, sizes and the speed-up ratios measured in this run. Targets
+(issue 6): int8 student >= 30x faster than the fp32 teacher, >= 2x faster
+than the fp32 student.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--runs", type=int, default=100)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args(argv)
+
+    from melanoma_tf import config as C
+    from melanoma_tf import cost, models, quantize
+    from melanoma_tf.backend import keras
+
+    keras.utils.set_random_seed(0)
+    size = args.size
+    calibration = np.random.default_rng(0).uniform(0, 255, (16, size, size, 3)).astype(np.float32)
+    teacher = models.build_teacher(C.TeacherConfig(), size)
+    student = models.build_student(C.StudentConfig(), size)
+    plan = [("teacher fp32", teacher, "fp32"), ("student fp32", student, "fp32"),
+            ("student fp16", student, "fp16"), ("student int8", student, "int8")]
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, model, mode in plan:
+            path = Path(tmp) / f"{name.replace(' ', '_')}.tflite"
+            path.write_bytes(quantize.convert(model, mode, calibration if mode == "int8" else None))
+            timing = cost.tflite_latency(path, runs=args.runs, warmup=args.warmup, threads=1)
+            results[name] = {"size_mb": path.stat().st_size / 1e6, **timing}
+            print(f"{name:14s} {results[name]['size_mb']:8.2f} MB  median {timing['latency_ms_median']:8.2f} ms  "
+                  f"p90 {timing['latency_ms_p90']:8.2f} ms", flush=True)
+    t = {k: v["latency_ms_median"] for k, v in results.items()}
+    ratios = {"teacher_fp32_over_student_int8": t["teacher fp32"] / t["student int8"],
+              "student_fp32_over_student_int8": t["student fp32"] / t["student int8"],
+              "teacher_fp32_over_student_fp32": t["teacher fp32"] / t["student fp32"]}
+    print(f"speed-up int8 student vs fp32 teacher: {ratios['teacher_fp32_over_student_int8']:.1f}x (target >= 30x)")
+    print(f"speed-up int8 student vs fp32 student: {ratios['student_fp32_over_student_int8']:.2f}x (target >= 2x)")
+    print(f"speed-up fp32 student vs fp32 teacher: {ratios['teacher_fp32_over_student_fp32']:.1f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"size": size, "results": results, "ratios": ratios}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
