@@ -356,14 +356,29 @@ def train_stage(stage: str, cfg: Config, data: PreparedData, folder: Path, teach
 # --------------------------------------------------------------------------- the command
 
 
-def run(cfg: Config, resume: bool = False, resume_dir: Optional[str] = None) -> Path:
-    """Runs every stage of the config; returns the run folder."""
-    if resume:
+def run(cfg: Config, resume: bool = False, resume_dir: Optional[str] = None,
+        run_dir: Optional[str | Path] = None) -> Path:
+    """Runs every stage of the config; returns the run folder.
+
+    Args:
+      cfg: the resolved config.
+      resume: continue the newest run of this config (or ``resume_dir``).
+      resume_dir: the run folder to continue.
+      run_dir: use exactly this folder: start it if new, continue it if it holds a
+        run of the same config (what sweeps use for resumable trials).
+    """
+    if run_dir is not None:
+        run_dir = Path(run_dir)
+        resume = (run_dir / "config.yaml").is_file()
+        if resume:
+            find_resumable(cfg, str(run_dir))  # refuses a different config
+    elif resume:
         run_dir = find_resumable(cfg, resume_dir)
     data = prepare_data(cfg)  # bad data fails here, before a run folder is made
     teacher_path = resolve_teacher_path(cfg.distill.teacher) if cfg.distill.teacher else None
-    if not resume:
+    if run_dir is None:
         run_dir = new_run_dir(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
     log.info("run folder: %s", run_dir)
     cfgmod.save(cfg, run_dir / "config.yaml")
     summary = data.summary
@@ -411,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override a config key, e.g. --set train.epochs=3 (repeatable)")
     parser.add_argument("--resume", nargs="?", const="", default=None, metavar="RUN_DIR",
                         help="continue the newest run of this config (or RUN_DIR) from its last completed epoch")
+    parser.add_argument("--run-dir", help="use exactly this run folder: start it, or continue it if it exists")
     return parser
 
 
@@ -419,7 +435,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = cfgmod.load(args.config, args.overrides)
-        run_dir = run(cfg, resume=args.resume is not None, resume_dir=args.resume or None)
+        run_dir = run(cfg, resume=args.resume is not None, resume_dir=args.resume or None, run_dir=args.run_dir)
     except (ConfigError, datamod.DataError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,0 +1,266 @@
+"""Sweeps: a grid or random search over config settings, K folds per trial, resumable.
+
+    python -m melanoma_tf.sweep --config configs/sweep_<name>.yaml [--set key=value ...]
+
+A sweep YAML names a base experiment config and the axes to vary::
+
+    base: student_mobilenetv3.yaml        # relative to the sweep file
+    set: [data.image_size=96]              # overrides applied to every trial
+    axes:
+      student.pooling: [avg, max]          # one key per axis ...
+      loss:                                # ... or named compound values
+        bce: {loss.name: bce}
+        wbce_0.7: {loss.name: wbce, loss.pos_weight: 0.7}
+    search: grid                           # or random, with trials: N
+    folds: 3                               # K-fold CV of the non-holdout part per trial (0: one split)
+    workers: 1                             # parallel training processes (backend local)
+    output: runs/sweeps
+
+Each (trial, fold) is an ordinary run folder, ``<output>/<sweep>/<trial>/fold-<i>``,
+trained by ``python -m melanoma_tf.train --run-dir``: a finished one is never
+run again, a killed one resumes from its last completed epoch. The sweep
+writes ``results.csv`` / ``results.md`` (mean +- std over folds per trial),
+the metric per axis, and ROC-AUC against model size with the Pareto front.
+The last line printed is ``sweep: <folder>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import logging
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from melanoma_tf import config as cfgmod
+from melanoma_tf.config import ConfigError
+from melanoma_tf.files import write_atomic
+
+log = logging.getLogger("melanoma_tf.sweep")
+SWEEP_KEYS = {"base", "set", "axes", "search", "trials", "folds", "workers", "seed", "output", "metric", "backend"}
+
+
+@dataclass
+class SweepSpec:
+    name: str
+    base: Path
+    overrides: list[str]
+    axes: dict[str, dict[str, dict[str, Any]]]  # axis -> value label -> {config key: value}
+    search: str = "grid"
+    trials: Optional[int] = None
+    folds: int = 0
+    workers: int = 1
+    seed: int = 0
+    output: str = "runs/sweeps"
+    metric: str = "val_roc_auc"
+    backend: str = "local"
+    extra: list[str] = field(default_factory=list)
+
+
+def load_sweep(path: str | Path, overrides: list[str] = ()) -> SweepSpec:
+    """Reads and checks a sweep YAML; errors name the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"sweep file not found: {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    unknown = set(raw) - SWEEP_KEYS
+    if unknown:
+        raise ConfigError(f"{path}: unknown sweep key(s) {sorted(unknown)}; valid: {sorted(SWEEP_KEYS)}")
+    if "base" not in raw or "axes" not in raw:
+        raise ConfigError(f"{path}: a sweep needs 'base' (an experiment config) and 'axes'")
+    base = (path.parent / raw["base"]) if not Path(raw["base"]).is_absolute() else Path(raw["base"])
+    if not base.is_file():
+        base = Path(raw["base"])
+    if not base.is_file():
+        raise ConfigError(f"{path}: base: config not found: {raw['base']}")
+    axes = {}
+    for axis, values in (raw["axes"] or {}).items():
+        if isinstance(values, list):
+            axes[axis] = {_label(v): {axis: v} for v in values}
+        elif isinstance(values, dict):
+            axes[axis] = {str(label): dict(setting) for label, setting in values.items()}
+        else:
+            raise ConfigError(f"{path}: axes.{axis}: expected a list of values or a mapping of named settings")
+        if not axes[axis]:
+            raise ConfigError(f"{path}: axes.{axis}: no values")
+    spec = SweepSpec(name=path.stem, base=base, overrides=list(raw.get("set") or []), axes=axes,
+                     search=raw.get("search", "grid"), trials=raw.get("trials"), folds=int(raw.get("folds", 0)),
+                     workers=int(raw.get("workers", 1)), seed=int(raw.get("seed", 0)),
+                     output=str(raw.get("output", "runs/sweeps")), metric=raw.get("metric", "val_roc_auc"),
+                     backend=raw.get("backend", "local"), extra=list(overrides))
+    if spec.search not in ("grid", "random"):
+        raise ConfigError(f"{path}: search: {spec.search!r} is not grid or random")
+    if spec.search == "random" and not spec.trials:
+        raise ConfigError(f"{path}: trials: random search needs a trial budget")
+    if spec.backend != "local":
+        raise ConfigError(f"{path}: backend: only 'local' is implemented so far (got {spec.backend!r})")
+    if spec.workers < 1 or spec.folds < 0 or spec.folds == 1:
+        raise ConfigError(f"{path}: workers must be >= 1 and folds 0 or >= 2")
+    # Every trial's config must be valid before anything trains.
+    for trial in trials(spec):
+        for fold in range(max(spec.folds, 1)):
+            cfgmod.load(spec.base, trial_overrides(spec, trial, fold, Path("/tmp/x")))
+    return spec
+
+
+def _label(value: Any) -> str:
+    return str(value)
+
+
+def trials(spec: SweepSpec) -> list[dict[str, str]]:
+    """Trials as {axis: value label}: the full grid, or a seeded random sample of it."""
+    names = list(spec.axes)
+    grid = [dict(zip(names, combo)) for combo in itertools.product(*(list(spec.axes[a]) for a in names))]
+    if spec.search == "random":
+        rng = np.random.default_rng(spec.seed)
+        grid = [grid[i] for i in rng.permutation(len(grid))[: spec.trials]]
+    elif spec.trials:
+        grid = grid[: spec.trials]
+    return grid
+
+
+def trial_id(trial: dict[str, str]) -> str:
+    text = json.dumps(trial, sort_keys=True)
+    readable = "_".join(f"{v}" for v in trial.values()).replace("/", "-")[:60]
+    return f"{readable}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+
+
+def trial_overrides(spec: SweepSpec, trial: dict[str, str], fold: int, folder: Path) -> list[str]:
+    out = list(spec.overrides)
+    for axis, label in trial.items():
+        out += [f"{key}={json.dumps(value) if not isinstance(value, str) else value}"
+                for key, value in spec.axes[axis][label].items()]
+    if spec.folds:
+        out += [f"data.folds={spec.folds}", f"data.fold={fold}"]
+    out += spec.extra
+    out += [f"output.dir={folder.parent}", f"output.name={folder.name}"]
+    return out
+
+
+def run_one(spec: SweepSpec, trial: dict[str, str], fold: int, root: Path) -> dict:
+    """Trains one (trial, fold) in its own process; skips it when already finished."""
+    folder = root / trial_id(trial) / f"fold-{fold}"
+    metrics_file = folder / "metrics.json"
+    if not metrics_file.is_file():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, "-m", "melanoma_tf.train", "--config", str(spec.base), "--run-dir", str(folder)]
+        for item in trial_overrides(spec, trial, fold, folder):
+            command += ["--set", item]
+        log_path = folder.parent / f"fold-{fold}.log"
+        with open(log_path, "a") as handle:
+            result = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT)
+        if result.returncode != 0 or not metrics_file.is_file():
+            raise RuntimeError(f"trial {trial_id(trial)} fold {fold} failed; see {log_path}")
+    metrics = json.loads(metrics_file.read_text())
+    if "stages" in metrics:  # chained config: the last stage is the trial's model
+        metrics = list(metrics["stages"].values())[-1]
+    model = next(iter(sorted(folder.rglob("model.keras"))), None)
+    return {"trial": trial_id(trial), **trial, "fold": fold, **{k: metrics.get(k) for k in
+            ("val_roc_auc", "val_pr_auc", "val_bma", "params", "epochs_run", "seconds_per_epoch_median")},
+            "size_mb": model.stat().st_size / 1e6 if model else None}
+
+
+def summarise(rows: pd.DataFrame, spec: SweepSpec) -> pd.DataFrame:
+    """Mean and std over folds per trial, best first."""
+    metrics = [c for c in ("val_roc_auc", "val_pr_auc", "val_bma") if c in rows and rows[c].notna().any()]
+    keys = ["trial", *spec.axes]
+    grouped = rows.groupby(keys, sort=False)
+    table = grouped[metrics].agg(["mean", "std"])
+    table.columns = [f"{m}_{s}" for m, s in table.columns]
+    table = table.join(grouped[["params", "size_mb"]].first()).join(grouped["fold"].count().rename("folds"))
+    return table.reset_index().sort_values(f"{spec.metric}_mean", ascending=False)
+
+
+def pareto_front(sizes: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Boolean mask of trials no other trial beats on both size (smaller) and score (higher)."""
+    front = np.ones(len(sizes), dtype=bool)
+    for i in range(len(sizes)):
+        dominated = (sizes <= sizes[i]) & (scores >= scores[i]) & ((sizes < sizes[i]) | (scores > scores[i]))
+        front[i] = not dominated.any()
+    return front
+
+
+def write_results(root: Path, rows: pd.DataFrame, spec: SweepSpec) -> pd.DataFrame:
+    from melanoma_tf import plots
+
+    table = summarise(rows, spec)
+    write_atomic(root / "folds.csv", rows.to_csv(index=False))
+    write_atomic(root / "results.csv", table.to_csv(index=False))
+    metric = spec.metric
+    lines = [f"# Sweep {spec.name}: {len(table)} trials x {max(spec.folds, 1)} fold(s), sorted by {metric}", "",
+             "| " + " | ".join(["trial", *spec.axes, f"{metric} mean +- std", "params", "size MB"]) + " |",
+             "|" + "---|" * (len(spec.axes) + 4)]
+    for r in table.to_dict("records"):
+        std = r.get(f"{metric}_std")
+        spread = f" +- {std:.4f}" if std is not None and np.isfinite(std) else ""
+        lines.append("| " + " | ".join([r["trial"], *(str(r[a]) for a in spec.axes),
+                                        f"{r[f'{metric}_mean']:.4f}{spread}", f"{int(r['params']):,}",
+                                        f"{r['size_mb']:.2f}"]) + " |")
+    fig, axes = plots.plt.subplots(1, len(spec.axes), figsize=(4 * len(spec.axes), 3.2), squeeze=False)
+    for ax, axis in zip(axes[0], spec.axes):
+        labels = list(spec.axes[axis])
+        values = [rows.loc[rows[axis] == label, metric].dropna().to_numpy() for label in labels]
+        ax.boxplot(values, tick_labels=labels)
+        ax.set(title=axis, ylabel=metric)
+    plots.save(fig, root / "metric_per_axis.png")
+    sizes, scores = table["size_mb"].to_numpy(float), table[f"{metric}_mean"].to_numpy(float)
+    front = pareto_front(sizes, scores)
+    fig, ax = plots.plt.subplots(figsize=(6, 4))
+    ax.scatter(sizes[~front], scores[~front], color="grey", label="trials")
+    ax.scatter(sizes[front], scores[front], color="red", label="Pareto front")
+    ax.set(xlabel="model size (MB)", ylabel=metric, title="score vs size")
+    ax.legend(fontsize=7)
+    plots.save(fig, root / "pareto_size.png")
+    lines += ["", f"Pareto front (size vs {metric}): " + ", ".join(table["trial"][front]), "",
+              "![metric per axis](metric_per_axis.png)", "", "![Pareto front](pareto_size.png)", ""]
+    write_atomic(root / "results.md", "\n".join(lines))
+    return table
+
+
+def run_sweep(spec: SweepSpec) -> Path:
+    """Runs every (trial, fold) not yet finished and writes the results; returns the sweep folder."""
+    root = Path(spec.output) / spec.name
+    root.mkdir(parents=True, exist_ok=True)
+    write_atomic(root / "sweep.json", json.dumps({"base": str(spec.base), "axes": spec.axes, "search": spec.search,
+                                                   "folds": spec.folds, "set": spec.overrides + spec.extra},
+                                                  indent=2, default=str))
+    jobs = [(trial, fold) for trial in trials(spec) for fold in range(max(spec.folds, 1))]
+    log.info("sweep %s: %d trials x %d fold(s) = %d runs", spec.name, len(trials(spec)), max(spec.folds, 1),
+             len(jobs))
+    with ThreadPoolExecutor(max_workers=spec.workers) as pool:  # each job is its own training process
+        rows = list(pool.map(lambda job: run_one(spec, job[0], job[1], root), jobs))
+    table = write_results(root, pd.DataFrame(rows), spec)
+    print((root / "results.md").read_text().split("\n\n![")[0])
+    log.info("best trial: %s", table["trial"].iloc[0])
+    return root
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m melanoma_tf.sweep", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="sweep YAML (configs/sweep_*.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override applied to every trial's config (e.g. data.root=...)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        spec = load_sweep(args.config, args.overrides)
+        root = run_sweep(spec)
+    except (ConfigError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"sweep: {root}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

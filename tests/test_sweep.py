@@ -1,0 +1,81 @@
+"""Sweeps: grid/random trials, K folds per trial, parallel workers, resume, results and Pareto front."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import REPO
+from melanoma_tf import sweep as S
+from melanoma_tf.config import ConfigError
+
+
+def write_sweep(tmp_path, synthetic_root, **extra):
+    spec = {
+        "base": str(REPO / "configs" / "student_mobilenetv3.yaml"),
+        "set": [f"data.root={synthetic_root}", "data.image_size=32", "student.minimalistic=true",
+                "student.alpha=0.75", "train.epochs=1", "train.verbose=0", "data.augment.rotation=0.0"],
+        "axes": {"student.pooling": ["avg", "max"],
+                 "loss": {"bce": {"loss.name": "bce"}, "focal_2": {"loss.name": "focal", "loss.gamma": 2.0}}},
+        "search": "grid", "folds": 2, "workers": 2, "output": str(tmp_path / "sweeps"),
+    }
+    spec.update(extra)
+    path = tmp_path / "sweep_tiny.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_trials_grid_random_and_errors(tmp_path, synthetic_root):
+    spec = S.load_sweep(write_sweep(tmp_path, synthetic_root))
+    grid = S.trials(spec)
+    assert len(grid) == 4 and {t["loss"] for t in grid} == {"bce", "focal_2"}
+    assert len({S.trial_id(t) for t in grid}) == 4
+    overrides = S.trial_overrides(spec, grid[-1], 1, tmp_path / "t" / "fold-1")
+    assert "loss.gamma=2.0" in overrides and "data.folds=2" in overrides and "data.fold=1" in overrides
+    random = S.load_sweep(write_sweep(tmp_path, synthetic_root, search="random", trials=3, seed=1))
+    picked = S.trials(random)
+    assert len(picked) == 3 and picked == S.trials(random)  # seeded
+    with pytest.raises(ConfigError, match="unknown sweep key"):
+        S.load_sweep(write_sweep(tmp_path, synthetic_root, axis={}))
+    with pytest.raises(ConfigError, match=r"student\.poolin"):
+        S.load_sweep(write_sweep(tmp_path, synthetic_root, axes={"student.poolin": ["avg"]}))
+    with pytest.raises(ConfigError, match="student.pooling"):
+        S.load_sweep(write_sweep(tmp_path, synthetic_root, axes={"student.pooling": ["mean"]}))
+    with pytest.raises(ConfigError, match="trial budget"):
+        S.load_sweep(write_sweep(tmp_path, synthetic_root, search="random"))
+
+
+def test_pareto_front():
+    sizes = np.array([1.0, 2.0, 3.0, 1.5, 3.0])
+    scores = np.array([0.80, 0.85, 0.90, 0.79, 0.88])
+    assert S.pareto_front(sizes, scores).tolist() == [True, True, True, False, False]
+
+
+@pytest.mark.slow
+def test_local_sweep_runs_resumes_and_summarises(tmp_path, synthetic_root):
+    spec = S.load_sweep(write_sweep(tmp_path, synthetic_root, search="random", trials=2, seed=3))
+    root = S.run_sweep(spec)
+    table = pd.read_csv(root / "results.csv")
+    assert len(table) == 2 and (table["folds"] == 2).all()
+    folds = pd.read_csv(root / "folds.csv")
+    first = folds[folds["trial"] == table["trial"].iloc[0]]
+    assert table["val_roc_auc_mean"].iloc[0] == pytest.approx(first["val_roc_auc"].mean())
+    assert table["val_roc_auc_std"].iloc[0] == pytest.approx(first["val_roc_auc"].std())
+    assert list(table["val_roc_auc_mean"]) == sorted(table["val_roc_auc_mean"], reverse=True)
+    for png in ("metric_per_axis.png", "pareto_size.png"):
+        assert (root / png).is_file()
+    # each fold is an ordinary run folder whose validation fold differs
+    trial_dir = root / table["trial"].iloc[0]
+    splits = [pd.read_csv(trial_dir / f"fold-{i}" / "splits.csv") for i in range(2)]
+    assert set(splits[0].query("split == 'val'")["image_id"]).isdisjoint(splits[1].query("split == 'val'")["image_id"])
+    # resume: finished runs are not trained again; a lost one is
+    logs = {p: p.stat().st_size for p in root.rglob("fold-*.log")}
+    victim = trial_dir / "fold-1" / "metrics.json"
+    victim.unlink()
+    S.run_sweep(spec)
+    grown = [p for p in root.rglob("fold-*.log") if p.stat().st_size != logs[p]]
+    assert grown == [trial_dir / "fold-1.log"]
+    assert victim.is_file()
+    assert json.loads(victim.read_text())["val_roc_auc"] is not None
