@@ -19,7 +19,12 @@ def test_every_shipped_config_loads():
     assert REPO_CONFIGS, "no configs shipped"
     names = {p.stem for p in REPO_CONFIGS}
     assert {"quickstart", "teacher_resnet50", "student_mobilenetv3", "distill_mobilenetv3"} <= names
+    from melanoma_tf.sweep import load_sweep
+
     for path in REPO_CONFIGS:
+        if path.stem.startswith("sweep_"):
+            assert load_sweep(path).axes  # every trial of the sweep is a valid config
+            continue
         cfg = C.load(path)
         assert cfg.output.name == path.stem
 
