@@ -14,7 +14,36 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tensorflow as tf  # noqa: E402
 import tf_keras as keras  # noqa: E402
 
-__all__ = ["tf", "keras", "set_global_seed"]
+__all__ = ["tf", "keras", "set_global_seed", "make_strategy"]
+
+
+def _split_cpu() -> None:
+    """MELANOMA_TF_CPU_DEVICES=N splits the CPU into N logical devices (to try tf.distribute without GPUs)."""
+    count = int(os.environ.get("MELANOMA_TF_CPU_DEVICES", "0") or 0)
+    if count > 1:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * count)
+
+
+_split_cpu()
+
+
+def make_strategy(name: str) -> "tf.distribute.Strategy":
+    """The tf.distribute strategy for ``train.distribution``.
+
+    ``mirrored`` replicates over every local GPU, or, with none, over the logical
+    CPU devices (MELANOMA_TF_CPU_DEVICES); ``multi_worker`` reads the cluster from
+    TF_CONFIG; ``none`` is the default single-device strategy.
+    """
+    if name == "none":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        devices = [d.name for d in tf.config.list_logical_devices("GPU")] or [
+            d.name for d in tf.config.list_logical_devices("CPU")]
+        return tf.distribute.MirroredStrategy(devices=devices)
+    if name == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    raise ValueError(f"train.distribution: unknown strategy {name!r}")
 
 
 def set_global_seed(seed: int) -> None:

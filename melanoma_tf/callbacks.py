@@ -46,11 +46,22 @@ class ValidationMetrics(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs if logs is not None else {}
-        logits = self.student.predict(self.images, verbose=0)
+        logits = predict_logits(self.student, self.images)
         y = self.labels.reshape(-1, 1) if self.label_mode == "binary" else self.labels
         logs["val_loss"] = float(self.student_loss(y, logits))
         for key, value in metrics.validation_summary(self.labels, logits, self.label_mode).items():
             logs[f"val_{key}"] = value
+
+
+def predict_logits(model: keras.Model, images: tf.data.Dataset) -> np.ndarray:
+    """Logits for a dataset of image batches, on one device.
+
+    Not ``model.predict``: under a multi-replica strategy it splits the last,
+    smaller batch across replicas, and a replica with zero images crashes
+    oneDNN's depthwise convolution. Reading mirrored variables here is fine.
+    """
+    forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    return np.concatenate([forward(batch).numpy() for batch in images])
 
 
 class EpochCheckpoint(keras.callbacks.Callback):

@@ -128,6 +128,9 @@ class TrainConfig:
     early_stopping_patience: int = 0  # 0: off
     verbose: int = 1  # Keras progress: 0 silent, 1 bar, 2 one line per epoch
     steps_per_epoch: Optional[int] = None  # debugging: cut epochs short
+    # none: one device; mirrored: every local GPU (or the logical CPUs of MELANOMA_TF_CPU_DEVICES);
+    # multi_worker: MultiWorkerMirroredStrategy across machines, configured by TF_CONFIG
+    distribution: Literal["none", "mirrored", "multi_worker"] = "none"
 
 
 @dataclass(frozen=True)

@@ -87,7 +87,10 @@ class Distiller(keras.Model):
             total = total + tf.add_n(regularization)
         self.loss_tracker.update_state(total)
         self.student_loss_tracker.update_state(student_term)
-        return total
+        # Under tf.distribute each replica returns its own batch mean and the optimizer
+        # sums the replicas' gradients: scale so the update equals one big-batch step.
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        return total / replicas if replicas > 1 else total
 
     def compute_metrics(self, x, y, y_pred, sample_weight):
         return self.get_metrics_result()

@@ -213,7 +213,9 @@ def cache_teacher_logits(teacher, data: PreparedData, cfg: Config, folder: Path)
     ds = make_dataset(train["path"].tolist(), train["label"].to_numpy(), cfg.data.image_size,
                       cfg.train.batch_size, binary=cfg.data.labels == "binary", cache="none")
     start = time.time()
-    logits = teacher.predict(ds.map(lambda x, y, w: x), verbose=0)
+    from melanoma_tf.callbacks import predict_logits
+
+    logits = predict_logits(teacher, ds.map(lambda x, y, w: x))
     log.info("cached teacher logits for %d training images in %.1fs", len(train), time.time() - start)
     tmp = folder / ".teacher_logits.tmp.npz"
     np.savez(tmp, image_id=np.array(train["image_id"].tolist()), logits=logits)
@@ -235,7 +237,7 @@ def train_stage(stage: str, cfg: Config, data: PreparedData, folder: Path, teach
     """
     from melanoma_tf import callbacks as cb
     from melanoma_tf import models
-    from melanoma_tf.backend import keras, set_global_seed
+    from melanoma_tf.backend import keras, make_strategy, set_global_seed
     from melanoma_tf.distiller import Distiller
     from melanoma_tf.pipeline import build_augmenter, class_weights, make_dataset
 
@@ -258,11 +260,16 @@ def train_stage(stage: str, cfg: Config, data: PreparedData, folder: Path, teach
     batch = cfg.train.batch_size
     size = cfg.data.image_size
 
-    student = _stage_model(stage, cfg, size)
-    teacher, cached = None, None
+    strategy = make_strategy(cfg.train.distribution)
+    if strategy.num_replicas_in_sync > 1:
+        log.info("training on %d replicas (%s); global batch %d", strategy.num_replicas_in_sync,
+                 type(strategy).__name__, batch)
+    with strategy.scope():  # variables of the models and optimizers live on every replica
+        student = _stage_model(stage, cfg, size)
+        teacher = _fit_teacher_to_size(models.load_model(teacher_path), size) if stage == "distill" else None
+    cached = None
     alpha = 1.0
     if stage == "distill":
-        teacher = _fit_teacher_to_size(models.load_model(teacher_path), size)
         alpha = cfg.distill.alpha
         if cfg.distill.teacher_outputs == "cached":
             cached = cache_teacher_logits(teacher, data, cfg, folder)
@@ -302,14 +309,15 @@ def train_stage(stage: str, cfg: Config, data: PreparedData, folder: Path, teach
             for name in ("avg_pool", "head_dropout", "logits"):
                 student.get_layer(name).trainable = True
             log.info("fine-tuning the top %d blocks: %s", len(unfrozen), ", ".join(unfrozen))
-        optimizer = _optimizer(cfg, phase["lr"], phase["epochs"], steps)
-        trainer = Distiller(student, loss_fn, teacher=teacher, alpha=alpha,
-                            temperature=cfg.distill.temperature, labels=cfg.data.labels)
-        trainer.compile(optimizer=optimizer)
-        if start_epoch > phase_start:  # mid-phase: model and optimizer state
-            cb.restore_checkpoint(folder, state, student, optimizer)
-        elif start_epoch:  # at a phase boundary: the model only, fresh optimizer
-            cb.restore_checkpoint(folder, state, student)
+        with strategy.scope():
+            optimizer = _optimizer(cfg, phase["lr"], phase["epochs"], steps)
+            trainer = Distiller(student, loss_fn, teacher=teacher, alpha=alpha,
+                                temperature=cfg.distill.temperature, labels=cfg.data.labels)
+            trainer.compile(optimizer=optimizer)
+            if start_epoch > phase_start:  # mid-phase: model and optimizer state
+                cb.restore_checkpoint(folder, state, student, optimizer)
+            elif start_epoch:  # at a phase boundary: the model only, fresh optimizer
+                cb.restore_checkpoint(folder, state, student)
         callbacks = [cb.ValidationMetrics(student, val_images, val["label"].to_numpy(), loss_fn, cfg.data.labels)]
         if cfg.train.lr_schedule == "plateau":
             callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor=cb.MONITOR, mode="max", factor=0.5,
