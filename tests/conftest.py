@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,10 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Decode-check results of the test data go to a per-session folder, not the user's ~/.cache
+# (set before any test builds a subprocess environment).
+os.environ["MELANOMA_TF_CACHE"] = tempfile.mkdtemp(prefix="melanoma_tf_cache_")
 SHARED_HAM = Path(os.environ.get("MELANOMA_TF_HAM10000", REPO.parent / "shared" / "data" / "ham10000"))
 
 

@@ -196,3 +196,17 @@ def test_real_subset_reader_counts_missing_and_splits(ham_root):
     for dx in range(7):
         share = (multi["label"] == dx).mean()
         assert abs((multi.loc[msplit == "holdout", "label"] == dx).mean() - share) < 0.02
+
+
+def test_decode_check_is_cached_until_a_file_changes(synthetic_root, tmp_path, monkeypatch):
+    meta = pd.read_csv(synthetic_root / "HAM10000_metadata.csv")
+    ids = sorted(meta["image_id"])[:10]
+    copy_images(synthetic_root, tmp_path / "images", ids)
+    paths = [str(tmp_path / "images" / f"{i}.jpg") for i in ids]
+    assert D.cached_unreadable_images(paths) == []
+    calls = []
+    monkeypatch.setattr(D, "find_unreadable_images", lambda p: calls.append(p) or [])
+    assert D.cached_unreadable_images(paths) == [] and calls == []  # answered from the cache
+    (tmp_path / "images" / f"{ids[2]}.jpg").write_bytes(b"broken now")
+    monkeypatch.undo()
+    assert D.cached_unreadable_images(paths) == [2]  # the changed file invalidates the entry
