@@ -73,9 +73,12 @@ class EpochCheckpoint(keras.callbacks.Callback):
       optimizer: the optimizer whose state is checkpointed with the model.
       phase: name of the training phase (e.g. ``head``, ``finetune``).
       patience: early-stopping patience in epochs on ``val_roc_auc`` (0: off).
+      extras: more trackable state saved in the same checkpoint (a relational
+        distiller's memory banks, projection heads and mean teacher).
     """
 
-    def __init__(self, folder: Path, student: keras.Model, optimizer, phase: str, patience: int = 0):
+    def __init__(self, folder: Path, student: keras.Model, optimizer, phase: str, patience: int = 0,
+                 extras=None):
         super().__init__()
         self.folder = Path(folder)
         self.student = student
@@ -84,7 +87,8 @@ class EpochCheckpoint(keras.callbacks.Callback):
         self.patience = patience
         self.state = load_state(self.folder)
         self.manager = tf.train.CheckpointManager(
-            tf.train.Checkpoint(model=student, optimizer=optimizer), str(self.folder / "checkpoints"),
+            tf.train.Checkpoint(model=student, optimizer=optimizer, **({"extras": extras} if extras else {})),
+            str(self.folder / "checkpoints"),
             max_to_keep=2, checkpoint_name="epoch")
         self._epoch_start = 0.0
         if self.state.get("phase") != phase:
@@ -134,8 +138,12 @@ def load_state(folder: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def restore_checkpoint(folder: Path, state: dict, student: keras.Model, optimizer=None) -> bool:
-    """Restores the checkpoint named in state into student (and optimizer when given)."""
+def restore_checkpoint(folder: Path, state: dict, student: keras.Model, optimizer=None, extras=None,
+                       variables=None) -> bool:
+    """Restores the checkpoint named in state into student (and optimizer and extras when given).
+
+    ``variables`` are the optimizer's variables (default: the student's trainable ones).
+    """
     name = state.get("checkpoint")
     if not name:
         return False
@@ -144,8 +152,10 @@ def restore_checkpoint(folder: Path, state: dict, student: keras.Model, optimize
         raise FileNotFoundError(f"state.json names checkpoint {prefix} but it is missing; cannot resume")
     objects = {"model": student}
     if optimizer is not None:
-        optimizer.build(student.trainable_variables)
+        optimizer.build(student.trainable_variables if variables is None else variables)
         objects["optimizer"] = optimizer
+    if extras is not None:
+        objects["extras"] = extras
     tf.train.Checkpoint(**objects).restore(prefix).expect_partial()
     return True
 

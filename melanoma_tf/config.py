@@ -67,6 +67,7 @@ class DataConfig:
     on_corrupt: Literal["skip", "error"] = "skip"
     labels: Literal["binary", "multiclass"] = "binary"
     image_size: int = 128
+    split_seed: Optional[int] = None  # seed of the lesion-grouped split; null: the run's seed
     holdout_fraction: float = 0.2
     val_fraction: float = 0.2
     folds: int = 0  # K>1: stratified-grouped K-fold on the non-holdout part
@@ -79,6 +80,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TeacherConfig:
+    arch: Literal["resnet50", "densenet121"] = "resnet50"
     weights: Optional[str] = None  # imagenet | null | path to a backbone weights file
     mode: Literal["frozen", "full"] = "full"  # frozen: only the head trains first
     dropout: float = 0.3
@@ -92,6 +94,7 @@ class TeacherConfig:
 
 @dataclass(frozen=True)
 class StudentConfig:
+    arch: Literal["mobilenet_v3_small", "densenet121"] = "mobilenet_v3_small"
     weights: Optional[str] = None
     minimalistic: bool = False
     alpha: float = 1.0  # MobileNetV3 width multiplier
@@ -113,8 +116,35 @@ class LossConfig:
 class DistillConfig:
     alpha: float = 0.5  # weight of the student loss; 1 - alpha goes to KD
     temperature: float = 2.0
-    teacher: Optional[str] = None  # teacher .keras or run folder; chained runs use their teacher stage
+    # teacher .keras file(s) or run folder(s); several: an ensemble whose logits are averaged.
+    # Chained runs use their teacher stage.
+    teacher: tuple[str, ...] = ()
     teacher_outputs: Literal["online", "cached"] = "online"
+    method: Literal["kd", "relational"] = "kd"  # relational: the `relational` section (CRCKD, CRD, SP, FitNet)
+
+
+@dataclass(frozen=True)
+class RelationalConfig:
+    """CRCKD and its baselines (used when distill.method is relational); weights 0 turn a term off."""
+
+    teacher_mode: Literal["fixed", "mean_teacher"] = "mean_teacher"  # mean_teacher: EMA of the student
+    ema_decay: float = 0.99
+    two_views: bool = True  # student and teacher see two independent augmentations
+    kl_weight: float = 1.0  # lambda1, ramped up over rampup_epochs
+    ccd_weight: float = 0.0  # lambda2 before rampup_epochs (paper: 0.1) ...
+    ccd_weight_after: float = 0.0  # ... and from then on (paper: 0.01)
+    crp_weight: float = 0.0  # lambda3, ramped up (paper: 1.0)
+    crd_weight: float = 0.0  # baselines, constant weights
+    sp_weight: float = 0.0
+    fitnet_weight: float = 0.0
+    rampup_epochs: int = 30  # T
+    feat_dim: int = 128  # d of the projection heads
+    tau: float = 0.07
+    k_pos: int = 20
+    k_neg: int = 4096
+    bank_momentum: float = 0.5
+    fitnet_student_layer: Optional[str] = None  # hint layers; null: the last feature map before pooling
+    fitnet_teacher_layer: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -149,6 +179,7 @@ class Config:
     student: StudentConfig = field(default_factory=StudentConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    relational: RelationalConfig = field(default_factory=RelationalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
@@ -173,6 +204,8 @@ class Config:
             ("teacher.dropout", 0 <= self.teacher.dropout < 1, "must be in [0, 1)"),
             ("teacher.bn_momentum", 0 < self.teacher.bn_momentum < 1, "must be in (0, 1)"),
             ("teacher.finetune_blocks", 0 <= self.teacher.finetune_blocks <= 16, "must be in [0, 16]"),
+            ("teacher.finetune_blocks", self.teacher.arch == "resnet50" or not self.teacher.finetune_blocks,
+             "block fine-tuning is implemented for resnet50 only"),
             ("teacher.finetune_epochs", self.teacher.finetune_epochs >= 0, "must be >= 0"),
             ("teacher.finetune_lr", self.teacher.finetune_lr > 0, "must be > 0"),
             ("teacher.epochs", self.teacher.epochs is None or self.teacher.epochs >= 0, "must be >= 0"),
@@ -187,6 +220,16 @@ class Config:
              "must be in [0, 1]"),
             ("distill.alpha", 0 <= self.distill.alpha <= 1, "must be in [0, 1]"),
             ("distill.temperature", self.distill.temperature > 0, "must be > 0"),
+            ("relational.ema_decay", 0 <= self.relational.ema_decay < 1, "must be in [0, 1)"),
+            ("relational.rampup_epochs", self.relational.rampup_epochs >= 0, "must be >= 0"),
+            ("relational.feat_dim", self.relational.feat_dim >= 1, "must be >= 1"),
+            ("relational.tau", self.relational.tau > 0, "must be > 0"),
+            ("relational.k_pos", self.relational.k_pos >= 1, "must be >= 1"),
+            ("relational.k_neg", self.relational.k_neg >= 1, "must be >= 1"),
+            ("relational.bank_momentum", 0 <= self.relational.bank_momentum < 1, "must be in [0, 1)"),
+            *[(f"relational.{k}", getattr(self.relational, k) >= 0, "must be >= 0")
+              for k in ("kl_weight", "ccd_weight", "ccd_weight_after", "crp_weight", "crd_weight", "sp_weight",
+                        "fitnet_weight")],
             ("train.epochs", self.train.epochs >= 1, "must be >= 1"),
             ("train.batch_size", self.train.batch_size >= 1, "must be >= 1"),
             ("train.lr", self.train.lr > 0, "must be > 0"),
@@ -206,7 +249,19 @@ class Config:
             raise ConfigError(f"stages: a stage is listed twice (got {list(self.stages)})")
         if list(self.stages) != sorted(self.stages, key=STAGES.index):
             raise ConfigError(f"stages: must be in the order teacher, student, distill (got {list(self.stages)})")
-        if "distill" in self.stages and "teacher" not in self.stages and not self.distill.teacher:
+        mean_teacher = self.distill.method == "relational" and self.relational.teacher_mode == "mean_teacher"
+        if self.distill.method == "relational":
+            if self.distill.teacher_outputs == "cached":
+                raise ConfigError("distill.teacher_outputs: cached teacher logits cannot feed relational "
+                                  "distillation (it needs the teacher's features of every augmented batch); "
+                                  "use online")
+            if len(self.distill.teacher) > 1:
+                raise ConfigError("distill.teacher: relational distillation takes one teacher, not an ensemble")
+            if self.train.distribution != "none":
+                raise ConfigError("train.distribution: relational distillation (memory banks) runs on one "
+                                  "device; use none")
+        if ("distill" in self.stages and "teacher" not in self.stages and not self.distill.teacher
+                and not mean_teacher):
             raise ConfigError("distill.teacher: the distill stage needs a teacher model path "
                               "(or the teacher stage in the same run)")
         return self
@@ -214,6 +269,11 @@ class Config:
     @property
     def num_outputs(self) -> int:
         return 1 if self.data.labels == "binary" else 7
+
+    @property
+    def data_seed(self) -> int:
+        """Seed of the split (and of the synthetic data): ``data.split_seed``, else ``seed``."""
+        return self.seed if self.data.split_seed is None else self.data.split_seed
 
 
 # --------------------------------------------------------------------------- loading
@@ -245,6 +305,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: {value!r} is not one of {list(args)}{hint}")
         return value
     if origin is tuple:
+        if value is None:
+            return ()
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, (list, tuple)):
@@ -346,8 +408,31 @@ def from_dict(values: dict | None, overrides: list[str] | tuple[str, ...] = ()) 
     return _build(Config, values).validate()
 
 
+def _read_with_base(path: Path, seen: tuple[Path, ...]) -> dict:
+    """A config file's mapping; ``base: other.yaml`` (relative to the file) is read first and updated by the rest."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}" + (f" (the base of {seen[-1]})" if seen else ""))
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: base configs form a cycle ({' -> '.join(str(p) for p in seen)})")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    base = values.pop("base", None)
+    if base is None:
+        return values
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base: expected a config file name, got {base!r}")
+    return _merge(_read_with_base(path.parent / base, seen + (path.resolve(),)), values)
+
+
 def load(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Loads a YAML config file, applies overrides and validates it.
+
+    A file may start from another with ``base: other.yaml`` (relative to it),
+    then change only some keys.
 
     Args:
       path: the YAML file.
@@ -360,14 +445,7 @@ def load(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -
       ConfigError: naming the file and the offending key.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    values = _read_with_base(path, ())
     try:
         config = from_dict(values, overrides)
     except ConfigError as err:

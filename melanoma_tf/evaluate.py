@@ -314,6 +314,10 @@ def evaluate(run_dir: Optional[str] = None, model_path: Optional[str] = None, sp
 
         gallery = gradcam_gallery(model.keras_model, test, predictions["probability"].to_numpy(), test_y,
                                   result["threshold"], out_dir / "gradcam", per_kind=gradcam)
+    if model.keras_model is not None and "head_dropout" in [layer.name for layer in model.keras_model.layers]:
+        names = list(datamod.DX_CLASSES) if label_mode == "multiclass" else ["not melanoma", "melanoma"]
+        result["relation"], figures["relation_matrix"] = relation_analysis(
+            model.keras_model, test, test["label"].to_numpy(), names, out_dir / "relation_matrix.png", seed)
     if cfg is not None:
         cfgmod.save(cfg, out_dir / "config.yaml")  # the run's resolved config, beside what it produced
     write_json(out_dir / "evaluation.json", {
@@ -322,6 +326,33 @@ def evaluate(run_dir: Optional[str] = None, model_path: Optional[str] = None, sp
         "refer_fraction": refer_fraction, "bootstrap": n_boot, "seed": seed, "sidecar": sidecar})
     write_json(out_dir / "metrics.json", result)
     return report.write_report(out_dir, result, figures, gallery)
+
+
+def relation_analysis(keras_model, frame: pd.DataFrame, labels: np.ndarray, names: list[str], path: Path,
+                      seed: int = 0, per_class: int = 12) -> tuple[dict, str]:
+    """Feature-space relations of a Keras model on ``frame`` (CRCKD's analysis).
+
+    Rd = mean intra-class / mean inter-class cosine similarity of the embeddings
+    (the head's input) over all images, and a heat map of the similarity matrix
+    of up to ``per_class`` images of each class, grouped by class.
+    """
+    from melanoma_tf import plots
+    from melanoma_tf.relational import relation_ratio
+    from melanoma_tf.relational_distiller import feature_model
+
+    size = keras_model.input_shape[1]
+    features = feature_model(keras_model, size)
+    images = load_images(frame["path"].tolist(), size)
+    embedding = np.concatenate([features(images[i:i + 64], training=False)[1].numpy()
+                                for i in range(0, len(images), 64)])
+    stats = relation_ratio(embedding, labels)
+    rng = np.random.default_rng(seed)
+    chosen = np.concatenate([rng.permutation(np.flatnonzero(labels == k))[:per_class] for k in np.unique(labels)])
+    chosen = chosen[np.argsort(labels[chosen], kind="stable")]
+    f = embedding[chosen] / np.maximum(np.linalg.norm(embedding[chosen], axis=1, keepdims=True), 1e-12)
+    figure = plots.relation_matrix_plot(path, f @ f.T, labels[chosen], names,
+                                        f"feature relations (Rd = {stats['rd']:.3f})")
+    return stats, figure
 
 
 def _reference_keras(stage_dir: Path):

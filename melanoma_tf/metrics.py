@@ -71,13 +71,26 @@ def softmax(logits) -> np.ndarray:
 
 
 def validation_summary(y_true, logits, labels: str) -> dict:
-    """ROC-AUC and PR-AUC (macro one-vs-rest for multiclass, plus BMA) from logits."""
+    """Per-epoch (and cross-validation) scores from logits.
+
+    Binary: ROC-AUC, PR-AUC, and the specificity at the threshold that gives
+    95% sensitivity on these same images (the operating point on this curve).
+    Multiclass: macro one-vs-rest ROC-AUC and AP (``pr_auc``), BMA, accuracy
+    and macro F1.
+    """
     if labels == "binary":
+        y = np.asarray(y_true).reshape(-1)
         p = sigmoid(np.reshape(logits, -1))
-        return {"roc_auc": roc_auc(y_true, p), "pr_auc": pr_auc(y_true, p)}
+        out = {"roc_auc": roc_auc(y, p), "pr_auc": pr_auc(y, p)}
+        if 0 < y.sum() < len(y):
+            out["spec_at_sens95"] = rates_at(y, p, threshold_for_sensitivity(y, p, 0.95))["specificity"]
+        return out
+    y = np.asarray(y_true).reshape(-1)
     p = softmax(logits)
-    return {"roc_auc": multiclass_auc(y_true, p), "pr_auc": multiclass_ap(y_true, p),
-            "bma": balanced_accuracy(y_true, p)}
+    predicted = np.argmax(p, axis=-1)
+    return {"roc_auc": multiclass_auc(y, p), "pr_auc": multiclass_ap(y, p), "bma": balanced_accuracy(y, p),
+            "acc": float(np.mean(predicted == y)),
+            "f1": float(skm.f1_score(y, predicted, average="macro", labels=np.unique(y)))}
 
 
 # --------------------------------------------------------------------------- operating point
@@ -246,7 +259,7 @@ def logit(p) -> np.ndarray:
 
 
 def multiclass_report(y_true, probs, label_names: list[str]) -> dict:
-    """BMA, per-class one-vs-rest AUC, macro F1 and the confusion matrix (rows: truth)."""
+    """BMA, macro AP, per-class one-vs-rest AUC, macro F1, accuracy and the confusion matrix (rows: truth)."""
     y = np.asarray(y_true).reshape(-1)
     p = np.asarray(probs, dtype=np.float64)
     predicted = np.argmax(p, axis=1)
@@ -254,7 +267,10 @@ def multiclass_report(y_true, probs, label_names: list[str]) -> dict:
     for k, name in enumerate(label_names):
         positives = y == k
         per_class[name] = float(skm.roc_auc_score(positives, p[:, k])) if 0 < positives.sum() < len(y) else None
+    present = [k for k in range(len(label_names)) if 0 < np.sum(y == k) < len(y)]
+    ap = [skm.average_precision_score(y == k, p[:, k]) for k in present]
     return {"bma": float(skm.balanced_accuracy_score(y, predicted)),
+            "ap": float(np.mean(ap)) if ap else float("nan"),  # macro average precision (one-vs-rest)
             "macro_f1": float(skm.f1_score(y, predicted, average="macro", labels=np.unique(y))),
             "accuracy": float(np.mean(predicted == y)),
             "per_class_auc": per_class,

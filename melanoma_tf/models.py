@@ -1,4 +1,4 @@
-"""The ResNet50 teacher and the MobileNetV3-Small student.
+"""The ResNet50 teacher and the MobileNetV3-Small student (and DenseNet121 for either, as in CRCKD).
 
 Both are Functional ``tf_keras`` models that take float RGB images in [0, 255],
 carry their own preprocessing, and output logits (one for binary melanoma,
@@ -31,6 +31,31 @@ class CaffePreprocess(keras.layers.Layer):
 
     def get_config(self):
         return super().get_config()
+
+
+# ImageNet channel statistics of the "torch" preprocessing that DenseNet121 expects.
+_TORCH_MEAN = (0.485, 0.456, 0.406)
+_TORCH_STD = (0.229, 0.224, 0.225)
+
+
+@keras.utils.register_keras_serializable(package="melanoma_tf")
+class TorchPreprocess(keras.layers.Layer):
+    """RGB [0, 255] -> [0, 1], then standardised with the ImageNet mean and std (DenseNet121's input format)."""
+
+    def call(self, inputs):
+        mean = tf.constant(_TORCH_MEAN, dtype=inputs.dtype)
+        std = tf.constant(_TORCH_STD, dtype=inputs.dtype)
+        return (inputs / 255.0 - mean) / std
+
+    def get_config(self):
+        return super().get_config()
+
+
+def _densenet121(image: tf.Tensor, weights: Optional[str], bn_momentum: float) -> keras.Model:
+    x = TorchPreprocess(name="densenet_preprocess")(image)
+    backbone = keras.applications.DenseNet121(include_top=False, weights=weights, input_tensor=x)
+    set_batchnorm_momentum(backbone, bn_momentum)
+    return backbone
 
 
 def _resolve_weights(weights: Optional[str], key: str) -> Optional[str]:
@@ -68,16 +93,19 @@ def build_teacher(cfg: TeacherConfig, image_size: int, num_outputs: int = 1) -> 
     """
     weights = _resolve_weights(cfg.weights, "teacher.weights")
     image = keras.Input((image_size, image_size, 3), name="image")
-    x = CaffePreprocess(name="resnet_preprocess")(image)
-    backbone = keras.applications.ResNet50(include_top=False, weights=weights, input_tensor=x)
-    set_batchnorm_momentum(backbone, cfg.bn_momentum)
+    if cfg.arch == "densenet121":
+        backbone = _densenet121(image, weights, cfg.bn_momentum)
+    else:
+        x = CaffePreprocess(name="resnet_preprocess")(image)
+        backbone = keras.applications.ResNet50(include_top=False, weights=weights, input_tensor=x)
+        set_batchnorm_momentum(backbone, cfg.bn_momentum)
     if cfg.mode == "frozen":
         for layer in backbone.layers:
             layer.trainable = False
     features = keras.layers.GlobalAveragePooling2D(name="avg_pool")(backbone.output)
     features = keras.layers.Dropout(cfg.dropout, name="head_dropout")(features)
     logits = keras.layers.Dense(num_outputs, kernel_initializer="he_normal", name="logits")(features)
-    return keras.Model(image, logits, name="teacher_resnet50")
+    return keras.Model(image, logits, name=f"teacher_{cfg.arch}")
 
 
 def unfreeze_top_blocks(model: keras.Model, n_blocks: int) -> list[str]:
@@ -112,9 +140,12 @@ def build_student(cfg: StudentConfig, image_size: int, num_outputs: int = 1) -> 
 
     weights = _resolve_weights(cfg.weights, "student.weights")
     image = keras.Input((image_size, image_size, 3), name="image")
-    features = mobilenet_v3_small(image, cfg.alpha, cfg.minimalistic, cfg.bn_momentum)
-    backbone = keras.Model(image, features)
-    load_backbone_weights(backbone, weights, image_size, cfg.alpha, cfg.minimalistic)
+    if cfg.arch == "densenet121":  # the CRCKD paper's self-distillation setting
+        backbone = _densenet121(image, weights, cfg.bn_momentum)
+    else:
+        features = mobilenet_v3_small(image, cfg.alpha, cfg.minimalistic, cfg.bn_momentum)
+        backbone = keras.Model(image, features)
+        load_backbone_weights(backbone, weights, image_size, cfg.alpha, cfg.minimalistic)
     pool = keras.layers.GlobalAveragePooling2D if cfg.pooling == "avg" else keras.layers.GlobalMaxPooling2D
     x = pool(name=f"{cfg.pooling}_pool")(backbone.output)
     if cfg.head_units:
@@ -122,7 +153,8 @@ def build_student(cfg: StudentConfig, image_size: int, num_outputs: int = 1) -> 
                                name="head_hidden")(x)
     x = keras.layers.Dropout(cfg.dropout, name="head_dropout")(x)
     logits = keras.layers.Dense(num_outputs, kernel_initializer="he_normal", name="logits")(x)
-    return keras.Model(image, logits, name="student_mobilenetv3small")
+    name = "student_mobilenetv3small" if cfg.arch == "mobilenet_v3_small" else f"student_{cfg.arch}"
+    return keras.Model(image, logits, name=name)
 
 
 def load_model(path: str | os.PathLike) -> keras.Model:

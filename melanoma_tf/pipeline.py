@@ -67,7 +67,8 @@ def class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
 def make_dataset(paths: list[str], labels: np.ndarray, image_size: int, batch_size: int, *,
                  binary: bool = True, training: bool = False, sample_weights: Optional[np.ndarray] = None,
                  teacher_logits: Optional[np.ndarray] = None, augmenter: Optional[keras.layers.Layer] = None,
-                 cache: str = "memory", seed: int = 0, shuffle: Optional[bool] = None) -> tf.data.Dataset:
+                 cache: str = "memory", seed: int = 0, shuffle: Optional[bool] = None, with_index: bool = False,
+                 two_views: bool = False) -> tf.data.Dataset:
     """Builds a batched dataset of ``(inputs, label, sample_weight)``.
 
     Args:
@@ -84,6 +85,10 @@ def make_dataset(paths: list[str], labels: np.ndarray, image_size: int, batch_si
       cache: ``memory``, ``none``, or a file prefix for an on-disk cache.
       seed: shuffle seed.
       shuffle: override the shuffling implied by ``training``.
+      with_index: add ``"index"`` (the image's position in ``paths``) to the
+        inputs dict (memory banks of relational distillation).
+      two_views: add ``"image_teacher"``, a second, independent augmentation of
+        each image (the mean teacher's view; the same image without an augmenter).
 
     Returns:
       A prefetched ``tf.data.Dataset``.
@@ -102,10 +107,15 @@ def make_dataset(paths: list[str], labels: np.ndarray, image_size: int, batch_si
 
         key = hashlib.sha1("\n".join(paths).encode()).hexdigest()[:12]
         images = images.cache(f"{cache}_{image_size}px_{key}")
+    extras = {}
+    if teacher_logits is not None:
+        extras["teacher_logits"] = tf.data.Dataset.from_tensor_slices(np.asarray(teacher_logits, np.float32))
+    if with_index:
+        extras["index"] = tf.data.Dataset.range(n)
     parts = [images, tf.data.Dataset.from_tensor_slices(label_tensor),
              tf.data.Dataset.from_tensor_slices(weights)]
-    if teacher_logits is not None:
-        parts.append(tf.data.Dataset.from_tensor_slices(np.asarray(teacher_logits, np.float32)))
+    if extras:
+        parts.append(tf.data.Dataset.zip(extras))
     ds = tf.data.Dataset.zip(tuple(parts))
     if training if shuffle is None else shuffle:
         ds = ds.shuffle(n, seed=seed, reshuffle_each_iteration=True)
@@ -115,14 +125,19 @@ def make_dataset(paths: list[str], labels: np.ndarray, image_size: int, batch_si
         return (tf.cast(image, tf.float32), *rest)
 
     ds = ds.map(_to_float, num_parallel_calls=tf.data.AUTOTUNE)
-    if training and augmenter is not None:
-        def _augment(image, *rest):
-            return (augmenter(image, training=True), *rest)
+    augment = training and augmenter is not None
+    if augment or two_views:
+        def _augment(image, label, weight, *extra):
+            view = augmenter(image, training=True) if augment else image
+            if two_views:
+                second = augmenter(image, training=True) if augment else image
+                extra = ({**(extra[0] if extra else {}), "image_teacher": second},)
+            return (view, label, weight, *extra)
 
         ds = ds.map(_augment, num_parallel_calls=tf.data.AUTOTUNE)
 
-    def _pack(image, label, weight, *logits):
-        inputs = {"image": image, "teacher_logits": logits[0]} if logits else image
+    def _pack(image, label, weight, *extra):
+        inputs = {"image": image, **extra[0]} if extra else image
         return inputs, label, weight
 
     return ds.map(_pack, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)

@@ -119,3 +119,22 @@ def history_plot(path: Path, history: list[dict]) -> str:
     right.set(xlabel="epoch", title="validation", ylim=(0, 1))
     right.legend(fontsize=7)
     return save(fig, path)
+
+
+def relation_matrix_plot(path: Path, similarity: np.ndarray, labels: np.ndarray, names: list[str],
+                         title: str) -> str:
+    """Heat map of a sample-by-sample similarity matrix, samples grouped by class (class blocks outlined)."""
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    image = ax.imshow(similarity, cmap="viridis", vmin=-1 if similarity.min() < 0 else 0, vmax=1)
+    edges = np.flatnonzero(np.diff(labels)) + 0.5
+    for edge in edges:
+        ax.axhline(edge, color="white", linewidth=0.8)
+        ax.axvline(edge, color="white", linewidth=0.8)
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(labels)) + 1])
+    ends = np.concatenate([starts[1:], [len(labels)]])
+    centres = (starts + ends - 1) / 2
+    ax.set_xticks(centres, [names[int(labels[s])] for s in starts], rotation=90, fontsize=7)
+    ax.set_yticks(centres, [names[int(labels[s])] for s in starts], fontsize=7)
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="cosine similarity")
+    return save(fig, path)

@@ -255,7 +255,7 @@ def qat_finetune(student: keras.Model, cfg, stage_dir: Path, folder: Path, epoch
     from melanoma_tf.distiller import Distiller
     from melanoma_tf.evaluate import split_frame
     from melanoma_tf.pipeline import build_augmenter, class_weights, make_dataset
-    from melanoma_tf.train import PreparedData, _loss_fn, cache_teacher_logits, resolve_teacher_path
+    from melanoma_tf.train import PreparedData, _loss_fn, cache_teacher_logits, load_teacher, resolve_teacher_paths
 
     train, val = split_frame(cfg, stage_dir, "train"), split_frame(cfg, stage_dir, "val")
     binary = cfg.data.labels == "binary"
@@ -272,9 +272,9 @@ def qat_finetune(student: keras.Model, cfg, stage_dir: Path, folder: Path, epoch
             if list(saved["image_id"]) == train["image_id"].tolist():
                 cached = saved["logits"]
         if cached is None:
-            teacher_file = (resolve_teacher_path(cfg.distill.teacher) if cfg.distill.teacher
-                            else stage_dir.parent / "teacher" / "model.keras")
-            cached = cache_teacher_logits(models.load_model(teacher_file), data, cfg, folder)
+            teacher_files = (resolve_teacher_paths(cfg.distill.teacher) if cfg.distill.teacher
+                             else [stage_dir.parent / "teacher" / "model.keras"])
+            cached = cache_teacher_logits(load_teacher(teacher_files, cfg.data.image_size), data, cfg, folder)
         alpha = cfg.distill.alpha
         log.info("QAT continues distillation (alpha %.2f, T %.1f) from cached teacher logits", alpha,
                  cfg.distill.temperature)

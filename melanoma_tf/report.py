@@ -89,6 +89,14 @@ def write_report(out_dir: Path, metrics: dict, figures: dict, gallery: list[dict
                        ("confusion_multiclass", "Multiclass confusion matrix")):
         if key in figures:
             lines += [f"## {title}", "", f"![{title}]({figures[key]})", ""]
+    if "relation" in metrics:
+        rel = metrics["relation"]
+        lines += ["## Feature relations", "",
+                  f"Cosine similarity of the embeddings (the head's input) on these images: intra-class "
+                  f"{fmt(rel['intra'])}, inter-class {fmt(rel['inter'])}, Rd = {fmt(rel['rd'])} "
+                  "(higher: classes better separated).", ""]
+        if "relation_matrix" in figures:
+            lines += [f"![relation matrix]({figures['relation_matrix']})", ""]
     if "multiclass" in metrics:
         mc = metrics["multiclass"]
         lines += ["## Multiclass", "", f"BMA {fmt(mc['bma'])}, macro F1 {fmt(mc['macro_f1'])}, "

@@ -47,6 +47,8 @@ from melanoma_tf.config import ConfigError
 from melanoma_tf.files import write_atomic
 
 log = logging.getLogger("melanoma_tf.sweep")
+# Validation scores of each (trial, fold) at its best epoch, summarised as mean +- std over folds.
+SCORES = ("val_roc_auc", "val_pr_auc", "val_spec_at_sens95", "val_acc", "val_bma", "val_f1")
 SWEEP_KEYS = {"base", "set", "axes", "search", "trials", "folds", "workers", "seed", "output", "metric", "backend"}
 
 
@@ -166,19 +168,23 @@ def run_one(spec: SweepSpec, trial: dict[str, str], fold: int, root: Path) -> di
         metrics = list(metrics["stages"].values())[-1]
     model = next(iter(sorted(folder.rglob("model.keras"))), None)
     return {"trial": trial_id(trial), **trial, "fold": fold, **{k: metrics.get(k) for k in
-            ("val_roc_auc", "val_pr_auc", "val_bma", "params", "epochs_run", "seconds_per_epoch_median")},
+            (*SCORES, "params", "epochs_run", "seconds_per_epoch_median")},
             "size_mb": model.stat().st_size / 1e6 if model else None}
 
 
 def summarise(rows: pd.DataFrame, spec: SweepSpec) -> pd.DataFrame:
     """Mean and std over folds per trial, best first."""
-    metrics = [c for c in ("val_roc_auc", "val_pr_auc", "val_bma") if c in rows and rows[c].notna().any()]
+    metrics = _scores(rows)
     keys = ["trial", *spec.axes]
     grouped = rows.groupby(keys, sort=False)
     table = grouped[metrics].agg(["mean", "std"])
     table.columns = [f"{m}_{s}" for m, s in table.columns]
     table = table.join(grouped[["params", "size_mb"]].first()).join(grouped["fold"].count().rename("folds"))
     return table.reset_index().sort_values(f"{spec.metric}_mean", ascending=False)
+
+
+def _scores(rows: pd.DataFrame) -> list[str]:
+    return [c for c in SCORES if c in rows and rows[c].notna().any()]
 
 
 def pareto_front(sizes: np.ndarray, scores: np.ndarray) -> np.ndarray:
@@ -197,14 +203,22 @@ def write_results(root: Path, rows: pd.DataFrame, spec: SweepSpec) -> pd.DataFra
     write_atomic(root / "folds.csv", rows.to_csv(index=False))
     write_atomic(root / "results.csv", table.to_csv(index=False))
     metric = spec.metric
+    scores = [metric] + [m for m in _scores(rows) if m != metric]
     lines = [f"# Sweep {spec.name}: {len(table)} trials x {max(spec.folds, 1)} fold(s), sorted by {metric}", "",
-             "| " + " | ".join(["trial", *spec.axes, f"{metric} mean +- std", "params", "size MB"]) + " |",
-             "|" + "---|" * (len(spec.axes) + 4)]
+             "Validation scores at each run's best epoch, mean +- std over folds (binary: spec_at_sens95 is the "
+             "specificity at 95% sensitivity on the fold's own validation images).", "",
+             "| " + " | ".join(["trial", *spec.axes, *scores, "params", "size MB"]) + " |",
+             "|" + "---|" * (len(spec.axes) + len(scores) + 3)]
+
+    def cell(r, m):
+        mean, std = r.get(f"{m}_mean"), r.get(f"{m}_std")
+        if mean is None or not np.isfinite(mean):
+            return "n/a"
+        return f"{mean:.4f}" + (f" +- {std:.4f}" if std is not None and np.isfinite(std) else "")
+
     for r in table.to_dict("records"):
-        std = r.get(f"{metric}_std")
-        spread = f" +- {std:.4f}" if std is not None and np.isfinite(std) else ""
         lines.append("| " + " | ".join([r["trial"], *(str(r[a]) for a in spec.axes),
-                                        f"{r[f'{metric}_mean']:.4f}{spread}", f"{int(r['params']):,}",
+                                        *(cell(r, m) for m in scores), f"{int(r['params']):,}",
                                         f"{r['size_mb']:.2f}"]) + " |")
     fig, axes = plots.plt.subplots(1, len(spec.axes), figsize=(4 * len(spec.axes), 3.2), squeeze=False)
     for ax, axis in zip(axes[0], spec.axes):

@@ -54,7 +54,7 @@ def dataset_root(cfg: Config) -> Path:
         return Path(cfg.data.root).expanduser()
     syn = cfg.data.synthetic
     params = dict(n_lesions=syn.n_lesions, melanoma_fraction=syn.melanoma_fraction,
-                  image_size=syn.image_size, second_image_fraction=syn.second_image_fraction, seed=cfg.seed)
+                  image_size=syn.image_size, second_image_fraction=syn.second_image_fraction, seed=cfg.data_seed)
     folder = synthetic.default_dir(syn.dir, **params)
     log.info("data.root is null: using the synthetic dataset in %s", folder)
     return synthetic.generate(folder, **params)
@@ -66,7 +66,7 @@ def prepare_data(cfg: Config) -> PreparedData:
     lesions = datamod.load_lesion_data(dataset_root(cfg), d.metadata, d.image_dirs, d.labels,
                                        d.on_missing, d.on_corrupt)
     frame = lesions.frame
-    frame["split"] = datamod.lesion_grouped_split(frame, cfg.seed, d.holdout_fraction, d.val_fraction,
+    frame["split"] = datamod.lesion_grouped_split(frame, cfg.data_seed, d.holdout_fraction, d.val_fraction,
                                                   d.folds, d.fold)
     for split in ("train", "val"):
         labels = frame.loc[frame["split"] == split, "label"]
@@ -174,6 +174,10 @@ def _loss_fn(cfg: Config, class_weights: np.ndarray):
                                class_weights=class_weights)
 
 
+def resolve_teacher_paths(paths: tuple[str, ...]) -> list[Path]:
+    return [resolve_teacher_path(p) for p in paths]
+
+
 def resolve_teacher_path(path: str) -> Path:
     """A teacher ``.keras`` file, or a run folder holding ``model.keras`` or ``teacher/model.keras``."""
     p = Path(path).expanduser()
@@ -190,10 +194,36 @@ def _fit_teacher_to_size(teacher, image_size: int):
     size = teacher.input_shape[1]
     if size == image_size:
         return teacher
-    log.info("teacher input is %dpx, data is %dpx: resizing inside the teacher", size, image_size)
+    log.info("teacher %s input is %dpx, data is %dpx: resizing inside the teacher", teacher.name, size, image_size)
     image = keras.Input((image_size, image_size, 3), name="image")
     resized = keras.layers.Resizing(size, size, name="teacher_resize")(image)
     return keras.Model(image, teacher(resized, training=False), name=f"{teacher.name}_resized")
+
+
+def load_teacher(paths: list[Path], image_size: int):
+    """The frozen teacher for ``image_size`` inputs: one model, or the logit average of several (an ensemble).
+
+    Each member may have its own input size (it is resized inside); all must have
+    the same number of outputs.
+    """
+    from melanoma_tf import models
+    from melanoma_tf.backend import keras
+
+    members = []
+    for i, path in enumerate(paths):
+        member = models.load_model(path)
+        member._name = f"teacher_{i}_{member.name}"  # unique layer names inside the ensemble
+        members.append(_fit_teacher_to_size(member, image_size))
+    if len(members) == 1:
+        return members[0]
+    widths = {m.output_shape[-1] for m in members}
+    if len(widths) != 1:
+        raise ConfigError(f"distill.teacher: the ensemble members have different output sizes {sorted(widths)} "
+                          f"({[str(p) for p in paths]})")
+    image = keras.Input((image_size, image_size, 3), name="image")
+    logits = keras.layers.Average(name="ensemble_mean")([m(image, training=False) for m in members])
+    log.info("teacher: an ensemble of %d models (mean logits)", len(members))
+    return keras.Model(image, logits, name="teacher_ensemble")
 
 
 def cache_teacher_logits(teacher, data: PreparedData, cfg: Config, folder: Path) -> np.ndarray:
@@ -223,8 +253,8 @@ def cache_teacher_logits(teacher, data: PreparedData, cfg: Config, folder: Path)
     return logits
 
 
-def train_stage(stage: str, cfg: Config, data: PreparedData, folder: Path, teacher_path: Optional[Path] = None,
-                resume: bool = False) -> dict:
+def train_stage(stage: str, cfg: Config, data: PreparedData, folder: Path,
+                teacher_paths: Optional[list[Path]] = None, resume: bool = False) -> dict:
     """Trains one stage in ``folder`` and returns its metrics.
 
     Args:
@@ -232,7 +262,7 @@ def train_stage(stage: str, cfg: Config, data: PreparedData, folder: Path, teach
       cfg: the resolved config.
       data: the split data.
       folder: the stage's run folder (config, splits, checkpoints, model).
-      teacher_path: the teacher ``.keras`` for ``distill``.
+      teacher_paths: the teacher ``.keras`` file(s) for ``distill`` (several: an ensemble).
       resume: continue from ``folder/state.json`` if present.
     """
     from melanoma_tf import callbacks as cb
@@ -264,12 +294,18 @@ def train_stage(stage: str, cfg: Config, data: PreparedData, folder: Path, teach
     if strategy.num_replicas_in_sync > 1:
         log.info("training on %d replicas (%s); global batch %d", strategy.num_replicas_in_sync,
                  type(strategy).__name__, batch)
+    relational = stage == "distill" and cfg.distill.method == "relational"
+    mean_teacher = relational and cfg.relational.teacher_mode == "mean_teacher"
     with strategy.scope():  # variables of the models and optimizers live on every replica
         student = _stage_model(stage, cfg, size)
-        teacher = _fit_teacher_to_size(models.load_model(teacher_path), size) if stage == "distill" else None
+        teacher = None
+        if relational and not mean_teacher:  # the raw model: its features are read inside
+            teacher = models.load_model(teacher_paths[0])
+        elif stage == "distill" and not relational:
+            teacher = load_teacher(teacher_paths, size)
     cached = None
     alpha = 1.0
-    if stage == "distill":
+    if stage == "distill" and not relational:
         alpha = cfg.distill.alpha
         if cfg.distill.teacher_outputs == "cached":
             cached = cache_teacher_logits(teacher, data, cfg, folder)
@@ -277,7 +313,8 @@ def train_stage(stage: str, cfg: Config, data: PreparedData, folder: Path, teach
     augmenter = build_augmenter(cfg.data.augment, cfg.seed)
     train_ds = make_dataset(train["path"].tolist(), train["label"].to_numpy(), size, batch, binary=binary,
                             training=True, sample_weights=sample_weights, teacher_logits=cached,
-                            augmenter=augmenter, cache=cfg.data.cache, seed=cfg.seed)
+                            augmenter=augmenter, cache=cfg.data.cache, seed=cfg.seed, with_index=relational,
+                            two_views=relational and cfg.relational.two_views)
     steps = math.ceil(len(train) / batch)
     if cfg.train.steps_per_epoch:
         steps = min(steps, cfg.train.steps_per_epoch)
@@ -309,21 +346,32 @@ def train_stage(stage: str, cfg: Config, data: PreparedData, folder: Path, teach
             for name in ("avg_pool", "head_dropout", "logits"):
                 student.get_layer(name).trainable = True
             log.info("fine-tuning the top %d blocks: %s", len(unfrozen), ", ".join(unfrozen))
+        extras, variables = None, None
         with strategy.scope():
             optimizer = _optimizer(cfg, phase["lr"], phase["epochs"], steps)
-            trainer = Distiller(student, loss_fn, teacher=teacher, alpha=alpha,
-                                temperature=cfg.distill.temperature, labels=cfg.data.labels)
+            if relational:
+                from melanoma_tf.relational_distiller import RelationalDistiller, RelationalSchedule
+
+                trainer = RelationalDistiller(student, loss_fn, train["label"].to_numpy(), cfg.relational, size,
+                                              teacher=teacher, temperature=cfg.distill.temperature,
+                                              labels=cfg.data.labels, seed=cfg.seed)
+                extras, variables = trainer.state(), trainer.train_variables()
+            else:
+                trainer = Distiller(student, loss_fn, teacher=teacher, alpha=alpha,
+                                    temperature=cfg.distill.temperature, labels=cfg.data.labels)
             trainer.compile(optimizer=optimizer)
-            if start_epoch > phase_start:  # mid-phase: model and optimizer state
-                cb.restore_checkpoint(folder, state, student, optimizer)
+            if start_epoch > phase_start:  # mid-phase: model, optimizer and distiller state
+                cb.restore_checkpoint(folder, state, student, optimizer, extras, variables)
             elif start_epoch:  # at a phase boundary: the model only, fresh optimizer
                 cb.restore_checkpoint(folder, state, student)
         callbacks = [cb.ValidationMetrics(student, val_images, val["label"].to_numpy(), loss_fn, cfg.data.labels)]
+        if relational:
+            callbacks.insert(0, RelationalSchedule(trainer))
         if cfg.train.lr_schedule == "plateau":
             callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor=cb.MONITOR, mode="max", factor=0.5,
                                                                patience=2, min_lr=phase["lr"] / 100))
         checkpoint = cb.EpochCheckpoint(folder, student, optimizer, phase["name"],
-                                        cfg.train.early_stopping_patience)
+                                        cfg.train.early_stopping_patience, extras=extras)
         callbacks += [checkpoint, keras.callbacks.TensorBoard(str(folder / "tensorboard"), write_graph=False,
                                                               profile_batch=0)]
         trainer.fit(train_ds, epochs=phase_end, initial_epoch=max(start_epoch, phase_start),
@@ -351,8 +399,9 @@ def train_stage(stage: str, cfg: Config, data: PreparedData, folder: Path, teach
         "params": int(student.count_params()),
         "splits_sha256": digest,
     }
-    if "val_bma" in best:
-        result["val_bma"] = best["val_bma"]
+    for key in ("val_bma", "val_acc", "val_f1", "val_spec_at_sens95"):
+        if key in best:
+            result[key] = best[key]
     if history:
         from melanoma_tf.plots import history_plot
 
@@ -383,7 +432,7 @@ def run(cfg: Config, resume: bool = False, resume_dir: Optional[str] = None,
     elif resume:
         run_dir = find_resumable(cfg, resume_dir)
     data = prepare_data(cfg)  # bad data fails here, before a run folder is made
-    teacher_path = resolve_teacher_path(cfg.distill.teacher) if cfg.distill.teacher else None
+    teacher_paths = resolve_teacher_paths(cfg.distill.teacher) if cfg.distill.teacher else None
     if run_dir is None:
         run_dir = new_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -399,10 +448,10 @@ def run(cfg: Config, resume: bool = False, resume_dir: Optional[str] = None,
     results = {}
     for stage in cfg.stages:
         folder = run_dir / stage if chained else run_dir
-        if stage == "distill" and teacher_path is None:
-            teacher_path = run_dir / "teacher" / "model.keras"
+        if stage == "distill" and teacher_paths is None:
+            teacher_paths = [run_dir / "teacher" / "model.keras"]
         print(f"== stage {stage} -> {folder}", flush=True)
-        results[stage] = train_stage(stage, cfg, data, folder, teacher_path, resume)
+        results[stage] = train_stage(stage, cfg, data, folder, teacher_paths, resume)
         print(f"== stage {stage}: val ROC-AUC {results[stage]['val_roc_auc']:.4f}, "
               f"PR-AUC {results[stage]['val_pr_auc']:.4f}", flush=True)
     if chained:
