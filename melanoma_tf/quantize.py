@@ -307,8 +307,13 @@ def qat_finetune(student: keras.Model, cfg, stage_dir: Path, folder: Path, epoch
 
 
 def quantize_run(run_dir: str | Path, modes: tuple[str, ...] = MODES, qat_epochs: int = 2, qat_lr: float = 1e-4,
-                 n_representative: int = 200, n_boot: int = 500, latency_runs: int = 50) -> Path:
-    """Writes and scores every requested flatbuffer; returns the ``tflite`` folder."""
+                 n_representative: int = 200, n_boot: int = 500, latency_runs: int = 50,
+                 split: str = "holdout") -> Path:
+    """Writes and scores every requested flatbuffer; returns the ``tflite`` folder.
+
+    ``split``: where the models are scored (``holdout``; sweeps choose on ``val``,
+    into ``eval_val_*`` folders and ``comparison_val.*``).
+    """
     from melanoma_tf import models
     from melanoma_tf.evaluate import evaluate, resolve_stage_dir
 
@@ -326,8 +331,9 @@ def quantize_run(run_dir: str | Path, modes: tuple[str, ...] = MODES, qat_epochs
     representative = None
     if {"int8", "int16x8", "qat"} & set(modes):
         representative = representative_images(cfg, stage_dir, n_representative, cfg.seed)
-    if not (folder / "eval_keras" / "metrics.json").is_file():
-        evaluate(str(stage_dir), split="holdout", out=str(folder / "eval_keras"), n_boot=n_boot, gradcam=0,
+    prefix = "eval" if split == "holdout" else f"eval_{split}"
+    if not (folder / f"{prefix}_keras" / "metrics.json").is_file():
+        evaluate(str(stage_dir), split=split, out=str(folder / f"{prefix}_keras"), n_boot=n_boot, gradcam=0,
                  latency_runs=latency_runs)
     for mode in modes:
         log.info("converting %s", mode)
@@ -336,7 +342,7 @@ def quantize_run(run_dir: str | Path, modes: tuple[str, ...] = MODES, qat_epochs
         if mode == "fp64":
             path = folder / "fp64.keras"
             models.save_model(float64_copy(student), path)
-            evaluate(str(stage_dir), str(path), split="holdout", out=str(folder / "eval_fp64"), n_boot=n_boot,
+            evaluate(str(stage_dir), str(path), split=split, out=str(folder / f"{prefix}_fp64"), n_boot=n_boot,
                      gradcam=0, latency_runs=latency_runs)
             continue
         if mode == "qat":
@@ -348,24 +354,25 @@ def quantize_run(run_dir: str | Path, modes: tuple[str, ...] = MODES, qat_epochs
         blob = convert(source, mode, representative)
         path = folder / f"{mode}.tflite"
         write_atomic(path, blob)
-        eval_dir = evaluate(str(stage_dir), str(path), split="holdout", out=str(folder / f"eval_{mode}"),
+        eval_dir = evaluate(str(stage_dir), str(path), split=split, out=str(folder / f"{prefix}_{mode}"),
                             n_boot=n_boot, gradcam=0, latency_runs=latency_runs).parent
         sidecar = _sidecar(cfg, stage_dir, path, mode, eval_dir, blob)
         write_json(folder / f"{mode}.json", sidecar)
     # The table covers every mode converted in this folder so far, so runs with different --modes add up.
     import json
 
-    rows = [_row("keras fp32", stage_dir / "model.keras", folder / "eval_keras")]
+    rows = [_row("keras fp32", stage_dir / "model.keras", folder / f"{prefix}_keras")]
     for mode in MODES:
         path = folder / (f"{mode}.keras" if mode == "fp64" else f"{mode}.tflite")
-        if path.is_file() and (folder / f"eval_{mode}" / "metrics.json").is_file():
+        if path.is_file() and (folder / f"{prefix}_{mode}" / "metrics.json").is_file():
             sidecar_path = folder / f"{mode}.json"
-            rows.append(_row(mode, path, folder / f"eval_{mode}",
+            rows.append(_row(mode, path, folder / f"{prefix}_{mode}",
                              json.loads(sidecar_path.read_text()) if sidecar_path.is_file() else None))
     table = pd.DataFrame(rows)
-    write_atomic(folder / "comparison.csv", table.to_csv(index=False))
-    text = _table_markdown(table)
-    write_atomic(folder / "comparison.md", text + "\n" + "\n".join(_targets(table)) + "\n")
+    name = "comparison" if split == "holdout" else f"comparison_{split}"
+    write_atomic(folder / f"{name}.csv", table.to_csv(index=False))
+    text = _table_markdown(table, split)
+    write_atomic(folder / f"{name}.md", text + "\n" + "\n".join(_targets(table)) + "\n")
     print(text)
     for line in _targets(table):
         print(line)
@@ -409,8 +416,8 @@ def _row(mode: str, path: Path, eval_dir: Path, sidecar: Optional[dict] = None) 
             "tflm_arena_kb": arena / 1024 if arena else None}
 
 
-def _table_markdown(table: pd.DataFrame) -> str:
-    headers = ["mode", "size MB", "gzip MB", "holdout ROC-AUC", "threshold", "sens", "spec", "latency ms",
+def _table_markdown(table: pd.DataFrame, split: str = "holdout") -> str:
+    headers = ["mode", "size MB", "gzip MB", f"{split} ROC-AUC", "threshold", "sens", "spec", "latency ms",
                "input", "TFLM arena KB"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for r in table.to_dict("records"):
@@ -452,6 +459,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--representative", type=int, default=200, help="training images for calibration")
     parser.add_argument("--bootstrap", type=int, default=500)
     parser.add_argument("--latency-runs", type=int, default=50)
+    parser.add_argument("--split", choices=("holdout", "val"), default="holdout",
+                        help="where to score the models (sweeps select on val)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from melanoma_tf.evaluate import EvaluationError
@@ -459,7 +468,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     # TFLite latencies use one interpreter thread; TensorFlow keeps its threads for QAT training.
     try:
         folder = quantize_run(args.run, tuple(m.strip() for m in args.modes.split(",") if m.strip()),
-                              args.qat_epochs, args.qat_lr, args.representative, args.bootstrap, args.latency_runs)
+                              args.qat_epochs, args.qat_lr, args.representative, args.bootstrap, args.latency_runs,
+                              args.split)
     except (cfgmod.ConfigError, EvaluationError, datamod.DataError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -49,7 +49,11 @@ from melanoma_tf.files import write_atomic
 log = logging.getLogger("melanoma_tf.sweep")
 # Validation scores of each (trial, fold) at its best epoch, summarised as mean +- std over folds.
 SCORES = ("val_roc_auc", "val_pr_auc", "val_spec_at_sens95", "val_acc", "val_bma", "val_f1")
-SWEEP_KEYS = {"base", "set", "axes", "search", "trials", "folds", "workers", "seed", "output", "metric", "backend"}
+SWEEP_KEYS = {"base", "set", "axes", "search", "trials", "folds", "workers", "seed", "output", "metric", "backend",
+              "quantize", "ray"}
+RAY_KEYS = {"address", "cpus_per_trial", "gpus_per_trial"}
+# Quantization axis values: melanoma_tf.quantize modes, plus the seed document's name for int4.
+QUANT_ALIASES = {"4-bit": "int4", "4bit": "int4"}
 
 
 @dataclass
@@ -67,6 +71,13 @@ class SweepSpec:
     metric: str = "val_roc_auc"
     backend: str = "local"
     extra: list[str] = field(default_factory=list)
+    quantize: list[str] = field(default_factory=list)  # post-training modes scored per trained run
+    ray: dict[str, Any] = field(default_factory=dict)  # address, cpus_per_trial, gpus_per_trial
+
+    @property
+    def columns(self) -> list[str]:
+        """The axes of the results table: the config axes, then quantization when swept."""
+        return list(self.axes) + (["quantization"] if self.quantize else [])
 
 
 def load_sweep(path: str | Path, overrides: list[str] = ()) -> SweepSpec:
@@ -85,6 +96,17 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> SweepSpec:
         base = Path(raw["base"])
     if not base.is_file():
         raise ConfigError(f"{path}: base: config not found: {raw['base']}")
+    base = base.resolve()  # trials may run in other working directories (Ray workers)
+    from melanoma_tf.quantize import MODES
+
+    quantize = [QUANT_ALIASES.get(str(m), str(m)) for m in (raw.get("quantize") or [])]
+    bad = [m for m in quantize if m not in MODES or m == "fp64"]
+    if bad:
+        raise ConfigError(f"{path}: quantize: unknown mode(s) {bad}; choose from {[m for m in MODES if m != 'fp64']} "
+                          "(or 4-bit)")
+    ray_settings = raw.get("ray") or {}
+    if not isinstance(ray_settings, dict) or set(ray_settings) - RAY_KEYS:
+        raise ConfigError(f"{path}: ray: expected a mapping with keys {sorted(RAY_KEYS)}, got {ray_settings!r}")
     axes = {}
     for axis, values in (raw["axes"] or {}).items():
         if isinstance(values, list):
@@ -99,15 +121,16 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> SweepSpec:
                      search=raw.get("search", "grid"), trials=raw.get("trials"), folds=int(raw.get("folds", 0)),
                      workers=int(raw.get("workers", 1)), seed=int(raw.get("seed", 0)),
                      output=str(raw.get("output", "runs/sweeps")), metric=raw.get("metric", "val_roc_auc"),
-                     backend=raw.get("backend", "local"), extra=list(overrides))
+                     backend=raw.get("backend", "local"), extra=list(overrides), quantize=quantize,
+                     ray=dict(ray_settings))
     if spec.search not in ("grid", "random"):
         raise ConfigError(f"{path}: search: {spec.search!r} is not grid or random")
     if spec.search == "random" and not spec.trials:
         raise ConfigError(f"{path}: trials: random search needs a trial budget")
-    if spec.backend != "local":
-        raise ConfigError(f"{path}: backend: only 'local' is implemented so far (got {spec.backend!r})")
-    if spec.workers < 1 or spec.folds < 0 or spec.folds == 1:
-        raise ConfigError(f"{path}: workers must be >= 1 and folds 0 or >= 2")
+    if spec.backend not in ("local", "ray"):
+        raise ConfigError(f"{path}: backend: {spec.backend!r} is not local or ray")
+    if spec.workers < (0 if spec.backend == "ray" else 1) or spec.folds < 0 or spec.folds == 1:
+        raise ConfigError(f"{path}: workers must be >= 1 (ray: >= 0, 0 = as many as fit) and folds 0 or >= 2")
     # Every trial's config must be valid before anything trains.
     for trial in trials(spec):
         for fold in range(max(spec.folds, 1)):
@@ -149,33 +172,69 @@ def trial_overrides(spec: SweepSpec, trial: dict[str, str], fold: int, folder: P
     return out
 
 
-def run_one(spec: SweepSpec, trial: dict[str, str], fold: int, root: Path) -> dict:
-    """Trains one (trial, fold) in its own process; skips it when already finished."""
+def run_one(spec: SweepSpec, trial: dict[str, str], fold: int, root: Path, cwd: Optional[str] = None) -> list[dict]:
+    """Trains and scores one (trial, fold) in child processes; finished steps are skipped.
+
+    Returns one row per scored model: the Keras model, then one per
+    quantization mode of the sweep (each converted and scored on the validation
+    split, with its size and batch-1 latency).
+    """
     folder = root / trial_id(trial) / f"fold-{fold}"
     metrics_file = folder / "metrics.json"
+    log_path = folder.parent / f"fold-{fold}.log"
     if not metrics_file.is_file():
         folder.parent.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-m", "melanoma_tf.train", "--config", str(spec.base), "--run-dir", str(folder)]
         for item in trial_overrides(spec, trial, fold, folder):
             command += ["--set", item]
-        log_path = folder.parent / f"fold-{fold}.log"
-        with open(log_path, "a") as handle:
-            result = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT)
-        if result.returncode != 0 or not metrics_file.is_file():
-            raise RuntimeError(f"trial {trial_id(trial)} fold {fold} failed; see {log_path}")
+        _run_logged(command, log_path, cwd, f"trial {trial_id(trial)} fold {fold} failed")
+        if not metrics_file.is_file():
+            raise RuntimeError(f"trial {trial_id(trial)} fold {fold} wrote no metrics.json; see {log_path}")
     metrics = json.loads(metrics_file.read_text())
     if "stages" in metrics:  # chained config: the last stage is the trial's model
         metrics = list(metrics["stages"].values())[-1]
-    model = next(iter(sorted(folder.rglob("model.keras"))), None)
-    return {"trial": trial_id(trial), **trial, "fold": fold, **{k: metrics.get(k) for k in
-            (*SCORES, "params", "epochs_run", "seconds_per_epoch_median")},
-            "size_mb": model.stat().st_size / 1e6 if model else None}
+    scored = _scored_on_val(spec, folder, log_path, cwd)
+    base = {"trial": trial_id(trial), **trial, "fold": fold, **{k: metrics.get(k) for k in
+            (*SCORES, "params", "epochs_run", "seconds_per_epoch_median")}}
+    keras_row = scored["keras fp32"]
+    rows = [{**base, "size_mb": keras_row["size_mb"], "latency_ms": keras_row["latency_ms_median"]}]
+    if spec.quantize:
+        rows[0]["quantization"] = "keras"
+        for mode in spec.quantize:
+            r = scored[mode]
+            rows.append({**{k: v for k, v in base.items() if k not in SCORES}, "quantization": mode,
+                         "val_roc_auc": r["roc_auc"], "val_spec_at_sens95": r["specificity"],
+                         "size_mb": r["size_mb"], "latency_ms": r["latency_ms_median"]})
+    return rows
+
+
+def _run_logged(command: list[str], log_path: Path, cwd: Optional[str], failure: str) -> None:
+    with open(log_path, "a") as handle:
+        result = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, cwd=cwd)
+    if result.returncode != 0:
+        raise RuntimeError(f"{failure}; see {log_path}")
+
+
+def _scored_on_val(spec: SweepSpec, folder: Path, log_path: Path, cwd: Optional[str]) -> dict[str, dict]:
+    """The run's validation scores, size and latency per model (Keras, and each quantization mode)."""
+    def table() -> dict[str, dict]:
+        found = sorted(folder.rglob("tflite/comparison_val.csv"))
+        return {r["mode"]: r for r in pd.read_csv(found[-1]).to_dict("records")} if found else {}
+
+    scored = table()
+    if not {"keras fp32", *spec.quantize} <= set(scored):
+        command = [sys.executable, "-m", "melanoma_tf.quantize", "--run", str(folder), "--split", "val",
+                   "--modes", ",".join(spec.quantize), "--bootstrap", "50", "--latency-runs", "20",
+                   "--representative", "100", "--qat-epochs", "1"]
+        _run_logged(command, log_path, cwd, f"scoring {folder} on the validation split failed")
+        scored = table()
+    return scored
 
 
 def summarise(rows: pd.DataFrame, spec: SweepSpec) -> pd.DataFrame:
     """Mean and std over folds per trial, best first."""
-    metrics = _scores(rows)
-    keys = ["trial", *spec.axes]
+    metrics = _scores(rows) + ["latency_ms"]
+    keys = ["trial", *spec.columns]
     grouped = rows.groupby(keys, sort=False)
     table = grouped[metrics].agg(["mean", "std"])
     table.columns = [f"{m}_{s}" for m, s in table.columns]
@@ -203,59 +262,77 @@ def write_results(root: Path, rows: pd.DataFrame, spec: SweepSpec) -> pd.DataFra
     write_atomic(root / "folds.csv", rows.to_csv(index=False))
     write_atomic(root / "results.csv", table.to_csv(index=False))
     metric = spec.metric
+    columns = spec.columns
     scores = [metric] + [m for m in _scores(rows) if m != metric]
-    lines = [f"# Sweep {spec.name}: {len(table)} trials x {max(spec.folds, 1)} fold(s), sorted by {metric}", "",
-             "Validation scores at each run's best epoch, mean +- std over folds (binary: spec_at_sens95 is the "
-             "specificity at 95% sensitivity on the fold's own validation images).", "",
-             "| " + " | ".join(["trial", *spec.axes, *scores, "params", "size MB"]) + " |",
-             "|" + "---|" * (len(spec.axes) + len(scores) + 3)]
+    lines = [f"# Sweep {spec.name}: {len(table)} rows x {max(spec.folds, 1)} fold(s), sorted by {metric}", "",
+             "Validation scores at each run's best epoch (quantized models: scored on the same validation "
+             "images), mean +- std over folds; binary spec_at_sens95 is the specificity at 95% sensitivity on "
+             "the fold's own validation images. Latency: batch 1, one thread, this machine.", "",
+             "| " + " | ".join(["trial", *columns, *scores, "params", "size MB", "latency ms"]) + " |",
+             "|" + "---|" * (len(columns) + len(scores) + 4)]
 
-    def cell(r, m):
+    def cell(r, m, digits=4):
         mean, std = r.get(f"{m}_mean"), r.get(f"{m}_std")
         if mean is None or not np.isfinite(mean):
             return "n/a"
-        return f"{mean:.4f}" + (f" +- {std:.4f}" if std is not None and np.isfinite(std) else "")
+        return f"{mean:.{digits}f}" + (f" +- {std:.{digits}f}" if std is not None and np.isfinite(std) else "")
 
     for r in table.to_dict("records"):
-        lines.append("| " + " | ".join([r["trial"], *(str(r[a]) for a in spec.axes),
+        lines.append("| " + " | ".join([r["trial"], *(str(r[a]) for a in columns),
                                         *(cell(r, m) for m in scores), f"{int(r['params']):,}",
-                                        f"{r['size_mb']:.2f}"]) + " |")
-    fig, axes = plots.plt.subplots(1, len(spec.axes), figsize=(4 * len(spec.axes), 3.2), squeeze=False)
-    for ax, axis in zip(axes[0], spec.axes):
-        labels = list(spec.axes[axis])
+                                        f"{r['size_mb']:.2f}", cell(r, "latency_ms", 2)]) + " |")
+    fig, axes = plots.plt.subplots(1, len(columns), figsize=(4 * len(columns), 3.2), squeeze=False)
+    for ax, axis in zip(axes[0], columns):
+        labels = list(spec.axes[axis]) if axis in spec.axes else ["keras", *spec.quantize]
         values = [rows.loc[rows[axis] == label, metric].dropna().to_numpy() for label in labels]
         ax.boxplot(values, tick_labels=labels)
         ax.set(title=axis, ylabel=metric)
     plots.save(fig, root / "metric_per_axis.png")
-    sizes, scores = table["size_mb"].to_numpy(float), table[f"{metric}_mean"].to_numpy(float)
-    front = pareto_front(sizes, scores)
-    fig, ax = plots.plt.subplots(figsize=(6, 4))
-    ax.scatter(sizes[~front], scores[~front], color="grey", label="trials")
-    ax.scatter(sizes[front], scores[front], color="red", label="Pareto front")
-    ax.set(xlabel="model size (MB)", ylabel=metric, title="score vs size")
-    ax.legend(fontsize=7)
-    plots.save(fig, root / "pareto_size.png")
-    lines += ["", f"Pareto front (size vs {metric}): " + ", ".join(table["trial"][front]), "",
-              "![metric per axis](metric_per_axis.png)", "", "![Pareto front](pareto_size.png)", ""]
+    names = table["trial"] + (" " + table["quantization"] if spec.quantize else "")
+    score = table[f"{metric}_mean"].to_numpy(float)
+    fronts = {}
+    for key, column, label in (("size", "size_mb", "model size (MB)"),
+                               ("latency", "latency_ms_mean", "latency ms (batch 1, 1 thread)")):
+        cost = table[column].to_numpy(float)
+        front = pareto_front(cost, score)
+        fronts[key] = ", ".join(names[front])
+        fig, ax = plots.plt.subplots(figsize=(6, 4))
+        ax.scatter(cost[~front], score[~front], color="grey", label="trials")
+        ax.scatter(cost[front], score[front], color="red", label="Pareto front")
+        ax.set(xlabel=label, ylabel=metric, title=f"{metric} vs {key}")
+        ax.legend(fontsize=7)
+        plots.save(fig, root / f"pareto_{key}.png")
+    lines += ["", f"Pareto front (size vs {metric}): {fronts['size']}", "",
+              f"Pareto front (latency vs {metric}): {fronts['latency']}", "",
+              "![metric per axis](metric_per_axis.png)", "", "![Pareto front, size](pareto_size.png)", "",
+              "![Pareto front, latency](pareto_latency.png)", ""]
     write_atomic(root / "results.md", "\n".join(lines))
     return table
 
 
 def run_sweep(spec: SweepSpec) -> Path:
     """Runs every (trial, fold) not yet finished and writes the results; returns the sweep folder."""
-    root = Path(spec.output) / spec.name
+    root = (Path(spec.output) / spec.name).resolve()
     root.mkdir(parents=True, exist_ok=True)
     write_atomic(root / "sweep.json", json.dumps({"base": str(spec.base), "axes": spec.axes, "search": spec.search,
-                                                   "folds": spec.folds, "set": spec.overrides + spec.extra},
+                                                   "folds": spec.folds, "set": spec.overrides + spec.extra,
+                                                   "quantize": spec.quantize, "backend": spec.backend},
                                                   indent=2, default=str))
     jobs = [(trial, fold) for trial in trials(spec) for fold in range(max(spec.folds, 1))]
-    log.info("sweep %s: %d trials x %d fold(s) = %d runs", spec.name, len(trials(spec)), max(spec.folds, 1),
-             len(jobs))
-    with ThreadPoolExecutor(max_workers=spec.workers) as pool:  # each job is its own training process
-        rows = list(pool.map(lambda job: run_one(spec, job[0], job[1], root), jobs))
+    log.info("sweep %s: %d trials x %d fold(s) = %d runs (%s backend)", spec.name, len(trials(spec)),
+             max(spec.folds, 1), len(jobs), spec.backend)
+    cwd = str(Path.cwd())  # relative paths in the overrides (data.root) mean the same for every worker
+    if spec.backend == "ray":
+        from melanoma_tf.sweep_ray import run_with_ray
+
+        nested = run_with_ray(spec, jobs, root, cwd)
+    else:
+        with ThreadPoolExecutor(max_workers=spec.workers) as pool:  # each job is its own training process
+            nested = list(pool.map(lambda job: run_one(spec, job[0], job[1], root, cwd), jobs))
+    rows = [row for job_rows in nested for row in job_rows]
     table = write_results(root, pd.DataFrame(rows), spec)
     print((root / "results.md").read_text().split("\n\n![")[0])
-    log.info("best trial: %s", table["trial"].iloc[0])
+    log.info("best: %s", table["trial"].iloc[0])
     return root
 
 

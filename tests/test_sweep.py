@@ -45,6 +45,14 @@ def test_trials_grid_random_and_errors(tmp_path, synthetic_root):
         S.load_sweep(write_sweep(tmp_path, synthetic_root, axes={"student.pooling": ["mean"]}))
     with pytest.raises(ConfigError, match="trial budget"):
         S.load_sweep(write_sweep(tmp_path, synthetic_root, search="random"))
+    with pytest.raises(ConfigError, match="quantize: unknown mode"):
+        S.load_sweep(write_sweep(tmp_path, synthetic_root, quantize=["int3"]))
+    with pytest.raises(ConfigError, match="backend"):
+        S.load_sweep(write_sweep(tmp_path, synthetic_root, backend="slurm"))
+    with pytest.raises(ConfigError, match="ray:"):
+        S.load_sweep(write_sweep(tmp_path, synthetic_root, backend="ray", ray={"adress": "auto"}))
+    quant = S.load_sweep(write_sweep(tmp_path, synthetic_root, quantize=["fp16", "4-bit"]))
+    assert quant.quantize == ["fp16", "int4"] and quant.columns[-1] == "quantization"
 
 
 def test_pareto_front():
@@ -64,8 +72,10 @@ def test_local_sweep_runs_resumes_and_summarises(tmp_path, synthetic_root):
     assert table["val_roc_auc_mean"].iloc[0] == pytest.approx(first["val_roc_auc"].mean())
     assert table["val_roc_auc_std"].iloc[0] == pytest.approx(first["val_roc_auc"].std())
     assert list(table["val_roc_auc_mean"]) == sorted(table["val_roc_auc_mean"], reverse=True)
-    for png in ("metric_per_axis.png", "pareto_size.png"):
+    for png in ("metric_per_axis.png", "pareto_size.png", "pareto_latency.png"):
         assert (root / png).is_file()
+    assert (folds["latency_ms"] > 0).all() and (folds["size_mb"] > 0).all()
+    assert "Pareto front (latency" in (root / "results.md").read_text()
     # each fold is an ordinary run folder whose validation fold differs
     trial_dir = root / table["trial"].iloc[0]
     splits = [pd.read_csv(trial_dir / f"fold-{i}" / "splits.csv") for i in range(2)]
@@ -79,3 +89,46 @@ def test_local_sweep_runs_resumes_and_summarises(tmp_path, synthetic_root):
     assert grown == [trial_dir / "fold-1.log"]
     assert victim.is_file()
     assert json.loads(victim.read_text())["val_roc_auc"] is not None
+
+
+@pytest.mark.slow
+def test_quantization_axis_scores_each_mode_on_validation(tmp_path, synthetic_root):
+    spec = S.load_sweep(write_sweep(tmp_path, synthetic_root, axes={"student.pooling": ["avg"]}, folds=0,
+                                    workers=1, quantize=["fp16", "int8"]))
+    root = S.run_sweep(spec)
+    folds = pd.read_csv(root / "folds.csv")
+    assert folds["quantization"].tolist() == ["keras", "fp16", "int8"]
+    size = dict(zip(folds["quantization"], folds["size_mb"]))
+    assert size["int8"] < size["fp16"]
+    stage = next(root.rglob("tflite"))
+    assert (stage / "eval_val_int8" / "metrics.json").is_file()
+    assert not (stage / "eval_int8").exists()  # the holdout is never touched by a sweep
+    int8 = json.loads((stage / "eval_val_int8" / "metrics.json").read_text())
+    assert folds.loc[folds["quantization"] == "int8", "val_roc_auc"].item() == pytest.approx(int8["roc_auc"])
+    assert len(pd.read_csv(root / "results.csv")) == 3
+
+
+@pytest.mark.slow
+def test_ray_sweep_on_a_local_two_node_cluster(tmp_path, synthetic_root):
+    ray = pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 80 * 2 ** 20})
+    cluster.add_node(num_cpus=1, object_store_memory=80 * 2 ** 20)
+    try:
+        spec = S.load_sweep(write_sweep(tmp_path, synthetic_root, axes={"student.pooling": ["avg", "max"]},
+                                        folds=0, workers=2, backend="ray",
+                                        ray={"address": cluster.address, "cpus_per_trial": 1}))
+        root = S.run_sweep(spec)
+        folds = pd.read_csv(root / "folds.csv")
+        assert sorted(folds["student.pooling"]) == ["avg", "max"]
+        assert folds["val_roc_auc"].notna().all()
+        assert folds["node"].nunique() == 2  # one trial on each node of the cluster
+        for trial in folds["trial"]:
+            assert (root / trial / "fold-0" / "model.keras").is_file()  # ordinary run folders
+        logs = {p: p.stat().st_size for p in root.rglob("fold-*.log")}
+        S.run_sweep(spec)  # resumed through Ray: nothing is trained again
+        assert {p: p.stat().st_size for p in root.rglob("fold-*.log")} == logs
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
