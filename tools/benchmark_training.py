@@ -3,10 +3,12 @@
 
     python tools/benchmark_training.py [--size 128] [--batch 32] [--steps 20] [--json OUT]
 
-Each job trains through the real Distiller for ``--steps`` batches after two
-warm-up batches (tracing) and prints images/second and the ratio of a
-distillation step to a student-only step. Peak RSS is the process's high-water
-mark after each job. Target (issue 6): distillation with cached teacher
+Each job trains through the real Distiller: all jobs are built and warmed up
+(two batches: tracing) first, then timed ``--repeats`` times over ``--steps``
+batches in turn (student, cached, ... then again), so a slow moment of the
+machine does not land on one job only; the median images/second per job and
+the ratio of a distillation step to a student-only step are printed. Peak RSS
+is the process's high-water mark after each job's warm-up. Target (issue 6): distillation with cached teacher
 logits costs <= 1.25x a student-only epoch.
 """
 
@@ -27,6 +29,9 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--jobs", default="teacher,student,distill online teacher,distill cached logits",
+                        help="comma-separated subset of the jobs")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
 
@@ -55,22 +60,31 @@ def main(argv=None) -> int:
         "distill cached logits": lambda: (Distiller(models.build_student(C.StudentConfig(), args.size), losses.bce,
                                                     alpha=0.5, temperature=2.0), True),
     }
-    results = {}
-    for name, make in jobs.items():
-        trainer, with_logits = make()
+    chosen = [j.strip() for j in args.jobs.split(",") if j.strip()]
+    unknown = set(chosen) - set(jobs)
+    if unknown:
+        parser.error(f"--jobs: unknown {sorted(unknown)}; choose from {list(jobs)}")
+    prepared, results = {}, {}
+    for name in chosen:
+        trainer, with_logits = jobs[name]()
         trainer.compile(optimizer=keras.optimizers.Adam(1e-3))
         ds = dataset(with_logits)
-        warm, timed = ds.take(2), ds.skip(2)
-        trainer.fit(warm, epochs=1, verbose=0)
-        start = time.perf_counter()
-        trainer.fit(timed, epochs=1, verbose=0)
-        seconds = time.perf_counter() - start
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
-        results[name] = {"images_per_second": args.batch * args.steps / seconds, "seconds": seconds,
-                         "peak_rss_mb": peak}
-        print(f"{name:24s} {results[name]['images_per_second']:8.1f} images/s   peak RSS {peak:8.0f} MB", flush=True)
+        trainer.fit(ds.take(2), epochs=1, verbose=0)
+        prepared[name] = (trainer, ds.skip(2))
+        results[name] = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3, "seconds": []}
+    for _ in range(args.repeats):
+        for name, (trainer, timed) in prepared.items():
+            start = time.perf_counter()
+            trainer.fit(timed, epochs=1, verbose=0)
+            results[name]["seconds"].append(time.perf_counter() - start)
+    for name, r in results.items():
+        r["images_per_second"] = args.batch * args.steps / float(np.median(r["seconds"]))
+        print(f"{name:24s} {r['images_per_second']:8.1f} images/s (median of {args.repeats})   "
+              f"peak RSS {r['peak_rss_mb']:8.0f} MB", flush=True)
+    if "student" not in results:
+        return 0
     student = results["student"]["images_per_second"]
-    for name in ("distill online teacher", "distill cached logits"):
+    for name in [n for n in ("distill online teacher", "distill cached logits") if n in results]:
         ratio = student / results[name]["images_per_second"]
         results[name]["cost_vs_student"] = ratio
         print(f"{name}: {ratio:.2f}x the time of a student-only step" +
