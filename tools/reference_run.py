@@ -158,7 +158,8 @@ def assemble(out: Path, results: Path, seeds: list[int], timings: dict, command:
     write_json(results / "student_int8.json", sidecar)
     shutil.copyfile(out / "distill" / "splits.csv", results / "splits.csv")
 
-    compare_table = (compare_dir / "compare.md").read_text().split("\n", 2)[2].split("![")[0].strip()
+    compare_table = report.table(["model"] + [h for _, h, _ in report.SUMMARY_COLUMNS],
+                                 [[name] + report.summary_row(m) for name, m in metrics.items()])
     lines = ["# Reference run: HAM10000 (shared subset), binary melanoma vs rest, from scratch", "",
              f"Reproduce: `{command}` (2 CPU cores; wall time per step below).", "",
              "Every model is scored on the same lesion-grouped holdout (`splits.csv`); the threshold is the one "

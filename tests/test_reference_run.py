@@ -1,0 +1,84 @@
+"""tools/reference_run.py: the plan of commands, and the results folder with its target checks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "tools"))
+import reference_run as RR  # noqa: E402
+
+
+def test_plan_trains_students_on_one_split_and_distils_from_the_ensemble(tmp_path):
+    steps = RR.plan(REPO / "configs" / "reference_ham10000.yaml", ["data.root=/data"], tmp_path, 96, [1, 2, 3], 3,
+                    100)
+    assert [s.name for s in steps] == ["teacher", "student_seed1", "student_seed2", "student_seed3", "distill",
+                                       "quantize", "baselines"]
+    argv = {s.name: " ".join(s.argv) for s in steps}
+    assert "data.image_size=96" in argv["teacher"] and "stages=[teacher]" in argv["teacher"]
+    assert "seed=2" in argv["student_seed2"] and "data.root=/data" in argv["student_seed2"]
+    members = f"distill.teacher=[{tmp_path / 'teacher'}, {tmp_path / 'student_seed1'}, " \
+              f"{tmp_path / 'student_seed2'}, {tmp_path / 'student_seed3'}]"
+    assert members in argv["distill"]
+    assert "--modes fp32,fp16,int8,qat" in argv["quantize"] and "--qat-epochs 3" in argv["quantize"]
+    assert f"--run {tmp_path / 'distill'}" in argv["baselines"]  # baselines use the distilled run's split
+    # One split for all: the config fixes data.split_seed, so the students' seeds do not move it.
+    from melanoma_tf import config as C
+
+    cfgs = [C.load(REPO / "configs" / "reference_ham10000.yaml", [f"seed={s}"]) for s in (1, 2)]
+    assert cfgs[0].data_seed == cfgs[1].data_seed == 42
+
+
+def test_dry_run_prints_the_commands():
+    out = subprocess.run([sys.executable, str(REPO / "tools" / "reference_run.py"), "--dry-run", "--seeds", "1"],
+                         capture_output=True, text=True, cwd=REPO, check=True).stdout
+    assert out.count("melanoma_tf.train") == 3 and "melanoma_tf.quantize" in out
+
+
+def _evaluation(folder, auc, spec, size=1.0):
+    folder.mkdir(parents=True)
+    metrics = {"roc_auc": auc, "roc_auc_ci": [auc - 0.02, auc + 0.02], "pr_auc": 0.5, "pr_auc_ci": [0.4, 0.6],
+               "threshold": 0.3, "sensitivity": 0.95, "specificity": spec, "ppv": 0.2, "npv": 0.99, "f1": 0.3,
+               "ece": 0.1, "brier": 0.1, "params": 1000, "size_mb": size, "latency_ms_median": 1.0,
+               "n_images": 4, "model_name": folder.parent.name}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    pd.DataFrame({"label": [0, 1, 0, 1], "probability": [0.1, 0.9, 0.2, 0.8]}).to_csv(folder / "predictions.csv")
+
+
+def test_assemble_writes_the_results_folder_and_checks_the_targets(tmp_path):
+    out, results = tmp_path / "run", tmp_path / "results"
+    _evaluation(out / "teacher" / "eval_holdout", 0.85, 0.6, 95.0)
+    for seed, auc in ((1, 0.90), (2, 0.91), (3, 0.89)):
+        _evaluation(out / f"student_seed{seed}" / "eval_holdout", auc, 0.65, 4.4)
+    _evaluation(out / "distill" / "eval_holdout", 0.93, 0.72, 4.4)
+    tflite = out / "distill" / "tflite"
+    _evaluation(tflite / "eval_qat", 0.925, 0.71, 1.2)
+    _evaluation(tflite / "eval_int8", 0.92, 0.70, 1.2)
+    (tflite / "qat.tflite").write_bytes(b"TFL3" + bytes(100))
+    (tflite / "qat.json").write_text(json.dumps({"model": "qat.tflite", "threshold": 0.3}))
+    (out / "distill" / "splits.csv").write_text("image_id,lesion_id,label,split\na,l,0,train\n")
+    _evaluation(out / "baselines-1" / "hgb" / "eval_holdout", 0.87, 0.55, 1.5)
+    _evaluation(out / "baselines-1" / "rf" / "eval_holdout", 0.88, 0.56, 8.0)
+    (out / "baselines.done").write_text("baselines-1\n")
+    summary = RR.assemble(out, results, [1, 2, 3], {"teacher": 100.0}, "python tools/reference_run.py")
+    met = {t["target"].split(" (")[0]: t for t in summary["targets"]}
+    assert met["QAT int8 holdout ROC-AUC"]["met"] and met["QAT int8 holdout ROC-AUC"]["value"] == 0.925
+    margin = next(t for t in summary["targets"] if "best baseline" in t["target"])
+    assert "baseline rf" in margin["target"] and margin["value"] == pytest.approx(0.045)
+    assert not margin["met"]  # 0.045 < 0.05
+    no_kd = next(t for t in summary["targets"] if "no-KD" in t["target"])
+    assert no_kd["value"] == pytest.approx(0.925 - 0.90) and no_kd["met"]
+    assert summary["no_kd_roc_auc_std"] == pytest.approx(np.std([0.90, 0.91, 0.89], ddof=1))
+    for name in ("report.md", "metrics.json", "student_int8.tflite", "student_int8.json", "splits.csv", "roc.png"):
+        assert (results / name).is_file(), name
+    assert json.loads((results / "student_int8.json").read_text())["model"] == "student_int8.tflite"
+    text = (results / "report.md").read_text()
+    assert "| NO |" in text and "student no-KD seed 2" in text
+    assert sum(p.stat().st_size for p in results.iterdir()) < 5e6
