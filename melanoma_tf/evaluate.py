@@ -231,8 +231,12 @@ def _predict(model: LoadedModel, frame: pd.DataFrame) -> np.ndarray:
 def evaluate(run_dir: Optional[str] = None, model_path: Optional[str] = None, split: str = "holdout",
              images: Optional[str] = None, labels: Optional[str] = None, out: Optional[str] = None,
              target_sensitivity: float = 0.95, refer_fraction: float = 0.1, n_boot: int = 1000,
-             gradcam: int = 4, latency_runs: int = 50, seed: int = 0) -> Path:
-    """Scores a model and writes predictions, metrics, plots and report.md; returns report.md's path."""
+             gradcam: int = 4, latency_runs: int = 50, seed: int = 0, relation: bool = True) -> Path:
+    """Scores a model and writes predictions, metrics, plots and report.md; returns report.md's path.
+
+    ``relation``: for a Keras model, also the feature-relation analysis (Rd and
+    the relation matrix plot).
+    """
     from melanoma_tf import cost, plots, report
     from melanoma_tf.tflite import read_sidecar
 
@@ -314,7 +318,8 @@ def evaluate(run_dir: Optional[str] = None, model_path: Optional[str] = None, sp
 
         gallery = gradcam_gallery(model.keras_model, test, predictions["probability"].to_numpy(), test_y,
                                   result["threshold"], out_dir / "gradcam", per_kind=gradcam)
-    if model.keras_model is not None and "head_dropout" in [layer.name for layer in model.keras_model.layers]:
+    if relation and model.keras_model is not None and "head_dropout" in [
+            layer.name for layer in model.keras_model.layers]:
         names = list(datamod.DX_CLASSES) if label_mode == "multiclass" else ["not melanoma", "melanoma"]
         result["relation"], figures["relation_matrix"] = relation_analysis(
             model.keras_model, test, test["label"].to_numpy(), names, out_dir / "relation_matrix.png", seed)

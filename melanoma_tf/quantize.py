@@ -334,7 +334,7 @@ def quantize_run(run_dir: str | Path, modes: tuple[str, ...] = MODES, qat_epochs
     prefix = "eval" if split == "holdout" else f"eval_{split}"
     if not (folder / f"{prefix}_keras" / "metrics.json").is_file():
         evaluate(str(stage_dir), split=split, out=str(folder / f"{prefix}_keras"), n_boot=n_boot, gradcam=0,
-                 latency_runs=latency_runs)
+                 latency_runs=latency_runs, relation=False)
     for mode in modes:
         log.info("converting %s", mode)
         # TF-MOT's wrappers can alter the layers they wrap: each mode starts from a fresh copy.
@@ -343,7 +343,7 @@ def quantize_run(run_dir: str | Path, modes: tuple[str, ...] = MODES, qat_epochs
             path = folder / "fp64.keras"
             models.save_model(float64_copy(student), path)
             evaluate(str(stage_dir), str(path), split=split, out=str(folder / f"{prefix}_fp64"), n_boot=n_boot,
-                     gradcam=0, latency_runs=latency_runs)
+                     gradcam=0, latency_runs=latency_runs, relation=False)
             continue
         if mode == "qat":
             source = qat_finetune(student, cfg, stage_dir, folder / "qat_train", qat_epochs, qat_lr)
