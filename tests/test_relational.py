@@ -331,3 +331,20 @@ def test_feature_model_needs_a_melanoma_tf_head():
     plain = keras.Model(image, keras.layers.Dense(1)(keras.layers.Flatten()(image)))
     with pytest.raises(ValueError, match="head_dropout"):
         feature_model(plain, 8)
+
+
+def test_crd_is_one_positive_and_uniform_negatives():
+    """CRD's loss: the anchor's own row is the only positive; negatives may be of its class too."""
+    rng = np.random.default_rng(6)
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    n, d, tau = len(labels), 3, 0.2
+    bank_s, bank_t = (_unit(rng.normal(size=(n, d))).astype(np.float32) for _ in range(2))
+    f_s, f_t = (_unit(rng.normal(size=(2, d))).astype(np.float32) for _ in range(2))
+    tf.random.set_seed(0)
+    idx = R.ClassSampler(labels).uniform(tf.constant([0, 4]), k_neg=50).numpy()
+    assert (labels[idx[0, 1:]] == 0).any() and (labels[idx[0, 1:]] == 1).any()
+    got = float(R.contrastive_loss(tf.constant(f_s), tf.constant(f_t), tf.constant(bank_s), tf.constant(bank_t),
+                                   tf.constant(idx), 1, tau, n, tf.constant(2.0), tf.constant(2.0)))
+    s_scores = np.exp(np.einsum("bkd,bd->bk", bank_t[idx], f_s) / tau) / 2.0
+    t_scores = np.exp(np.einsum("bkd,bd->bk", bank_s[idx], f_t) / tau) / 2.0
+    assert got == pytest.approx(_nce_numpy(s_scores, 1, n) + _nce_numpy(t_scores, 1, n), rel=1e-5)
