@@ -42,21 +42,23 @@ def test_dry_run_prints_the_commands():
     assert out.count("melanoma_tf.train") == 3 and "melanoma_tf.quantize" in out
 
 
-def _evaluation(folder, auc, spec, size=1.0):
+def _evaluation(folder, auc, spec, size=1.0, logits=None):
     folder.mkdir(parents=True)
     metrics = {"roc_auc": auc, "roc_auc_ci": [auc - 0.02, auc + 0.02], "pr_auc": 0.5, "pr_auc_ci": [0.4, 0.6],
                "threshold": 0.3, "sensitivity": 0.95, "specificity": spec, "ppv": 0.2, "npv": 0.99, "f1": 0.3,
                "ece": 0.1, "brier": 0.1, "params": 1000, "size_mb": size, "latency_ms_median": 1.0,
                "n_images": 4, "model_name": folder.parent.name}
     (folder / "metrics.json").write_text(json.dumps(metrics))
-    pd.DataFrame({"label": [0, 1, 0, 1], "probability": [0.1, 0.9, 0.2, 0.8]}).to_csv(folder / "predictions.csv")
+    pd.DataFrame({"image_id": list("abcd"), "label": [0, 1, 0, 1], "probability": [0.1, 0.9, 0.2, 0.8],
+                  "logit": logits or [-2.0, 2.0, -1.0, 1.0]}).to_csv(folder / "predictions.csv", index=False)
 
 
 def test_assemble_writes_the_results_folder_and_checks_the_targets(tmp_path):
     out, results = tmp_path / "run", tmp_path / "results"
-    _evaluation(out / "teacher" / "eval_holdout", 0.85, 0.6, 95.0)
+    # Member logits: each ranks one positive below a negative; their mean ranks all correctly.
+    _evaluation(out / "teacher" / "eval_holdout", 0.85, 0.6, 95.0, logits=[0.0, 3.0, 1.0, 0.5])
     for seed, auc in ((1, 0.90), (2, 0.91), (3, 0.89)):
-        _evaluation(out / f"student_seed{seed}" / "eval_holdout", auc, 0.65, 4.4)
+        _evaluation(out / f"student_seed{seed}" / "eval_holdout", auc, 0.65, 4.4, logits=[-1.0, 0.0, 0.5, 2.0])
     _evaluation(out / "distill" / "eval_holdout", 0.93, 0.72, 4.4)
     tflite = out / "distill" / "tflite"
     _evaluation(tflite / "eval_qat", 0.925, 0.71, 1.2)
@@ -75,6 +77,8 @@ def test_assemble_writes_the_results_folder_and_checks_the_targets(tmp_path):
     assert not margin["met"]  # 0.045 < 0.05
     no_kd = next(t for t in summary["targets"] if "no-KD" in t["target"])
     assert no_kd["value"] == pytest.approx(0.925 - 0.90) and no_kd["met"]
+    # mean logits: a -0.75, b 0.75, c 0.625, d 1.625: both melanomas above both others (members: 0.75 each)
+    assert summary["teacher_ensemble_holdout_roc_auc"] == 1.0
     assert summary["no_kd_roc_auc_std"] == pytest.approx(np.std([0.90, 0.91, 0.89], ddof=1))
     for name in ("report.md", "metrics.json", "student_int8.tflite", "student_int8.json", "splits.csv", "roc.png"):
         assert (results / name).is_file(), name
