@@ -79,6 +79,11 @@ def test_chained_run_cli_contract(synthetic_root, tmp_path):
     teacher = load_model(run_dir / "teacher" / "model.keras")
     student = load_model(run_dir / "distill" / "model.keras")
     assert teacher.count_params() > 10 * student.count_params()
+    # output.evaluate (the quickstart's): a holdout report per stage, then one comparison of the three
+    for stage in ("teacher", "student", "distill"):
+        assert (run_dir / stage / "eval_holdout" / "report.md").is_file()
+    compare = pd.read_csv(run_dir / "compare" / "compare.csv")
+    assert len(compare) == 3 and compare["roc_auc"].between(0, 1).all()
 
 
 def test_cli_errors_exit_nonzero_and_name_the_problem(tmp_path, synthetic_root):
