@@ -251,11 +251,11 @@ def qat_finetune(student: keras.Model, cfg, stage_dir: Path, folder: Path, epoch
     validation ROC-AUC; resumable like training (``folder/state.json``).
     """
     from melanoma_tf import callbacks as cb
-    from melanoma_tf import models
     from melanoma_tf.distiller import Distiller
     from melanoma_tf.evaluate import split_frame
     from melanoma_tf.pipeline import build_augmenter, class_weights, make_dataset
-    from melanoma_tf.train import PreparedData, _loss_fn, cache_teacher_logits, load_teacher, resolve_teacher_paths
+    from melanoma_tf.teachers import cache_teacher_logits, load_teacher, resolve_teacher_paths
+    from melanoma_tf.train import PreparedData, _loss_fn
 
     train, val = split_frame(cfg, stage_dir, "train"), split_frame(cfg, stage_dir, "val")
     binary = cfg.data.labels == "binary"

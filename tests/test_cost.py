@@ -2,7 +2,6 @@
 
 import os
 
-import numpy as np
 import pytest
 
 from melanoma_tf import cost

@@ -4,7 +4,6 @@ import hashlib
 import logging
 import shutil
 
-import numpy as np
 import pandas as pd
 import pytest
 

@@ -1,7 +1,6 @@
 """tf.data pipeline: decode/resize/cache, augmentation on training batches only, weights, cached logits."""
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from melanoma_tf import config as C

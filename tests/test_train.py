@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 
 from conftest import REPO, tiny_overrides
 from melanoma_tf import config as C
