@@ -97,10 +97,10 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> SweepSpec:
     if not base.is_file():
         raise ConfigError(f"{path}: base: config not found: {raw['base']}")
     base = base.resolve()  # trials may run in other working directories (Ray workers)
-    from melanoma_tf.quantize import MODES
-
     quantize = [QUANT_ALIASES.get(str(m), str(m)) for m in (raw.get("quantize") or [])]
-    bad = [m for m in quantize if m not in MODES or m == "fp64"]
+    if quantize:  # melanoma_tf.quantize imports TensorFlow: only when the sweep quantizes
+        from melanoma_tf.quantize import MODES
+    bad = [m for m in quantize if m not in MODES or m == "fp64"] if quantize else []
     if bad:
         raise ConfigError(f"{path}: quantize: unknown mode(s) {bad}; choose from {[m for m in MODES if m != 'fp64']} "
                           "(or 4-bit)")
