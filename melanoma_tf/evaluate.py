@@ -258,7 +258,8 @@ def evaluate(run_dir: Optional[str] = None, model_path: Optional[str] = None, sp
     out_dir.mkdir(parents=True, exist_ok=True)
 
     test = external_frame(images, labels, label_mode) if images else split_frame(cfg, stage_dir, split)
-    test_logits = _predict(model, test)
+    test_images = load_images(test["path"].tolist(), model.input_size)  # decoded once, used twice
+    test_logits = model.logits(test_images)
     val = val_logits = None
     if cfg is not None:
         val = split_frame(cfg, stage_dir, "val")
@@ -322,7 +323,7 @@ def evaluate(run_dir: Optional[str] = None, model_path: Optional[str] = None, sp
             layer.name for layer in model.keras_model.layers]:
         names = list(datamod.DX_CLASSES) if label_mode == "multiclass" else ["not melanoma", "melanoma"]
         result["relation"], figures["relation_matrix"] = relation_analysis(
-            model.keras_model, test, test["label"].to_numpy(), names, out_dir / "relation_matrix.png", seed)
+            model.keras_model, test_images, test["label"].to_numpy(), names, out_dir / "relation_matrix.png", seed)
     if cfg is not None:
         cfgmod.save(cfg, out_dir / "config.yaml")  # the run's resolved config, beside what it produced
     write_json(out_dir / "evaluation.json", {
@@ -333,9 +334,9 @@ def evaluate(run_dir: Optional[str] = None, model_path: Optional[str] = None, sp
     return report.write_report(out_dir, result, figures, gallery)
 
 
-def relation_analysis(keras_model, frame: pd.DataFrame, labels: np.ndarray, names: list[str], path: Path,
+def relation_analysis(keras_model, images: np.ndarray, labels: np.ndarray, names: list[str], path: Path,
                       seed: int = 0, per_class: int = 12) -> tuple[dict, str]:
-    """Feature-space relations of a Keras model on ``frame`` (CRCKD's analysis).
+    """Feature-space relations of a Keras model on decoded ``images`` (CRCKD's analysis).
 
     Rd = mean intra-class / mean inter-class cosine similarity of the embeddings
     (the head's input) over all images, and a heat map of the similarity matrix
@@ -345,9 +346,7 @@ def relation_analysis(keras_model, frame: pd.DataFrame, labels: np.ndarray, name
     from melanoma_tf.relational import relation_ratio
     from melanoma_tf.relational_distiller import feature_model
 
-    size = keras_model.input_shape[1]
-    features = feature_model(keras_model, size)
-    images = load_images(frame["path"].tolist(), size)
+    features = feature_model(keras_model, keras_model.input_shape[1])
     embedding = np.concatenate([features(images[i:i + 64], training=False)[1].numpy()
                                 for i in range(0, len(images), 64)])
     stats = relation_ratio(embedding, labels)
