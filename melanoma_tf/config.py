@@ -45,6 +45,11 @@ class AugmentConfig:
     hue: float = 0.02
     rand_augment: bool = False
     rand_augment_magnitude: float = 0.3
+    # Device and clinic shift (all off by default):
+    crop_area_min: float = 1.0  # < 1: random resized crop keeping this fraction of the area at least
+    colour_cast: float = 0.0  # +- per-channel gain (white balance of another camera)
+    blur_sigma: float = 0.0  # Gaussian blur with sigma up to this (pixels), 5x5 kernel
+    vignette: float = 0.0  # darkening of the corners up to this fraction (dermatoscope vignetting)
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,20 @@ class SyntheticConfig:
 
 
 @dataclass(frozen=True)
+class ExternalSet:
+    """An external test set: scored after training beside the holdout; never trained or tuned on."""
+
+    name: str = "external"
+    images: str = ""  # image folder
+    labels: str = ""  # CSV: image_id,label (+ optional lesion_id, sex, age, localization, dataset)
+    required: bool = False  # false: skipped with a logged reason when the files are absent
+
+
+ISIC2017 = ExternalSet(name="isic2017", images="../shared/data/isic2017/images",
+                       labels="../shared/data/isic2017/labels.csv")
+
+
+@dataclass(frozen=True)
 class DataConfig:
     root: Optional[str] = None  # folder with the metadata CSV; null: synthetic data
     metadata: str = "HAM10000_metadata.csv"
@@ -69,23 +88,30 @@ class DataConfig:
     image_size: int = 128
     split_seed: Optional[int] = None  # seed of the lesion-grouped split; null: the run's seed
     holdout_fraction: float = 0.2
+    # leave-one-clinic-out: every image of this metadata `dataset` (e.g. rosendahl, vidir_modern) is the
+    # holdout, and no image of it is trained or validated on; null: a random lesion-grouped holdout
+    holdout_source: Optional[str] = None
     val_fraction: float = 0.2
     folds: int = 0  # K>1: stratified-grouped K-fold on the non-holdout part
     fold: int = 0
     cache: str = "memory"  # memory | none | a file path prefix
     class_weight: Literal["balanced", "none"] = "balanced"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # scored with output.evaluate beside the holdout (sets whose files are absent are skipped, with the reason)
+    external: tuple[ExternalSet, ...] = (ISIC2017,)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
 @dataclass(frozen=True)
 class TeacherConfig:
-    arch: Literal["resnet50", "densenet121"] = "resnet50"
-    weights: Optional[str] = None  # imagenet | null | path to a backbone weights file
+    arch: Literal["resnet50", "mobilenet_v2", "densenet121"] = "resnet50"
+    # imagenet (download) | null | a Keras *_notop.h5 | mobilenet_v2: a folder of TF-slim .npy tensors
+    weights: Optional[str] = None
+    bn_reestimate_images: int = 0  # >0: re-estimate BatchNorm statistics on this many training images first
     mode: Literal["frozen", "full"] = "full"  # frozen: only the head trains first
     dropout: float = 0.3
     bn_momentum: float = 0.9
-    finetune_blocks: int = 0  # after a frozen phase: unfreeze the top N residual blocks
+    finetune_blocks: int = 0  # after a frozen phase: unfreeze the top N blocks (resnet50: 16, mobilenet_v2: 18)
     finetune_epochs: int = 0
     finetune_lr: float = 1.0e-5
     epochs: Optional[int] = None  # overrides train.epochs for the teacher stage
@@ -95,7 +121,10 @@ class TeacherConfig:
 @dataclass(frozen=True)
 class StudentConfig:
     arch: Literal["mobilenet_v3_small", "densenet121"] = "mobilenet_v3_small"
+    # imagenet (download) | null | a Keras *_notop.h5 | a MobileNetV3-Small .tflite (BatchNorm folded: set
+    # bn_reestimate_images, e.g. 256, or fine-tuning starts from BatchNorms that do not match the data)
     weights: Optional[str] = None
+    bn_reestimate_images: int = 0
     minimalistic: bool = False
     alpha: float = 1.0  # MobileNetV3 width multiplier
     pooling: Literal["avg", "max"] = "avg"
@@ -201,11 +230,17 @@ class Config:
             ("data.augment.translate", 0 <= self.data.augment.translate < 1, "must be in [0, 1)"),
             ("data.augment.saturation", 0 <= self.data.augment.saturation <= 0.5, "must be in [0, 0.5]"),
             ("data.augment.hue", 0 <= self.data.augment.hue <= 1, "must be in [0, 1]"),
+            ("data.augment.crop_area_min", 0 < self.data.augment.crop_area_min <= 1, "must be in (0, 1]"),
+            ("data.augment.colour_cast", 0 <= self.data.augment.colour_cast < 1, "must be in [0, 1)"),
+            ("data.augment.blur_sigma", self.data.augment.blur_sigma >= 0, "must be >= 0"),
+            ("data.augment.vignette", 0 <= self.data.augment.vignette < 1, "must be in [0, 1)"),
             ("teacher.dropout", 0 <= self.teacher.dropout < 1, "must be in [0, 1)"),
             ("teacher.bn_momentum", 0 < self.teacher.bn_momentum < 1, "must be in (0, 1)"),
-            ("teacher.finetune_blocks", 0 <= self.teacher.finetune_blocks <= 16, "must be in [0, 16]"),
-            ("teacher.finetune_blocks", self.teacher.arch == "resnet50" or not self.teacher.finetune_blocks,
-             "block fine-tuning is implemented for resnet50 only"),
+            ("teacher.finetune_blocks", 0 <= self.teacher.finetune_blocks <= 18, "must be in [0, 18]"),
+            ("teacher.finetune_blocks", self.teacher.arch != "densenet121" or not self.teacher.finetune_blocks,
+             "block fine-tuning is implemented for resnet50 and mobilenet_v2"),
+            ("teacher.bn_reestimate_images", self.teacher.bn_reestimate_images >= 0, "must be >= 0"),
+            ("student.bn_reestimate_images", self.student.bn_reestimate_images >= 0, "must be >= 0"),
             ("teacher.finetune_epochs", self.teacher.finetune_epochs >= 0, "must be >= 0"),
             ("teacher.finetune_lr", self.teacher.finetune_lr > 0, "must be > 0"),
             ("teacher.epochs", self.teacher.epochs is None or self.teacher.epochs >= 0, "must be >= 0"),

@@ -14,6 +14,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -297,7 +298,8 @@ def _grouped_folds(labels: np.ndarray, groups: np.ndarray, n_splits: int, seed: 
 
 
 def lesion_grouped_split(frame: pd.DataFrame, seed: int, holdout_fraction: float = 0.2,
-                         val_fraction: float = 0.2, folds: int = 0, fold: int = 0) -> pd.Series:
+                         val_fraction: float = 0.2, folds: int = 0, fold: int = 0,
+                         holdout_source: Optional[str] = None) -> pd.Series:
     """Splits images into train / val / holdout, stratified by label and grouped by lesion.
 
     The holdout is drawn first and depends only on the seed, so it never moves
@@ -305,8 +307,12 @@ def lesion_grouped_split(frame: pd.DataFrame, seed: int, holdout_fraction: float
     stratified-grouped folds and fold ``fold`` is the validation split; otherwise
     ``val_fraction`` of the rest is the validation split.
 
+    With ``holdout_source`` the holdout is instead every image whose ``dataset``
+    column equals it (leave-one-clinic-out): no image of that source, and no
+    lesion photographed in it, is trained or validated on.
+
     Args:
-      frame: rows with ``image_id``, ``lesion_id``, ``label``.
+      frame: rows with ``image_id``, ``lesion_id``, ``label`` (and ``dataset`` for ``holdout_source``).
       seed: split seed; the same seed gives the same split on any machine.
 
     Returns:
@@ -318,7 +324,12 @@ def lesion_grouped_split(frame: pd.DataFrame, seed: int, holdout_fraction: float
     resolution = min(_SPLIT_RESOLUTION, len(np.unique(groups)))
     holdout_folds = max(1, round(holdout_fraction * resolution))
     split = np.full(len(order), "train", dtype=object)
-    split[_grouped_folds(labels, groups, resolution, seed) < holdout_folds] = "holdout"
+    if holdout_source is not None:
+        sources = _holdout_source_values(frame, holdout_source)[order]
+        held_lesions = set(groups[sources == holdout_source])
+        split[np.isin(groups, list(held_lesions))] = "holdout"
+    else:
+        split[_grouped_folds(labels, groups, resolution, seed) < holdout_folds] = "holdout"
     rest = np.flatnonzero(split != "holdout")
     if folds >= 2:
         cv_fold = _grouped_folds(labels[rest], groups[rest], folds, seed + 1)
@@ -330,6 +341,20 @@ def lesion_grouped_split(frame: pd.DataFrame, seed: int, holdout_fraction: float
     result = np.empty(len(order), dtype=object)
     result[order] = split
     return pd.Series(result, index=frame.index, name="split")
+
+
+def _holdout_source_values(frame: pd.DataFrame, source: str) -> np.ndarray:
+    """The ``dataset`` column, after checking that ``source`` is one of its values and leaves data to train on."""
+    if "dataset" not in frame.columns:
+        raise DataError(f"data.holdout_source: {source!r} needs a 'dataset' column in the metadata, which has "
+                        f"only {sorted(frame.columns)}")
+    values = frame["dataset"].astype(str).to_numpy()
+    present = sorted(set(values))
+    if source not in present:
+        raise DataError(f"data.holdout_source: no image has dataset {source!r}; the sources present are {present}")
+    if len(present) < 2:
+        raise DataError(f"data.holdout_source: {source!r} is the only source: nothing would be left to train on")
+    return values
 
 
 def manifest_csv(frame: pd.DataFrame) -> str:

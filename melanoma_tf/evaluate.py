@@ -15,6 +15,7 @@ last line printed is ``report: <path of report.md>``.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from dataclasses import dataclass
@@ -231,11 +232,15 @@ def _predict(model: LoadedModel, frame: pd.DataFrame) -> np.ndarray:
 def evaluate(run_dir: Optional[str] = None, model_path: Optional[str] = None, split: str = "holdout",
              images: Optional[str] = None, labels: Optional[str] = None, out: Optional[str] = None,
              target_sensitivity: float = 0.95, refer_fraction: float = 0.1, n_boot: int = 1000,
-             gradcam: int = 4, latency_runs: int = 50, seed: int = 0, relation: bool = True) -> Path:
+             gradcam: int = 4, latency_runs: int = 50, seed: int = 0, relation: bool = True,
+             external: bool = True) -> Path:
     """Scores a model and writes predictions, metrics, plots and report.md; returns report.md's path.
 
     ``relation``: for a Keras model, also the feature-relation analysis (Rd and
-    the relation matrix plot).
+    the relation matrix plot). ``external``: when scoring a run's holdout, also
+    score the run's external test sets (``data.external``) with the same
+    validation-chosen threshold, each in ``<out>/external/<name>/``, and put them
+    beside the holdout in the report.
     """
     from melanoma_tf import cost, plots, report
     from melanoma_tf.tflite import read_sidecar
@@ -324,6 +329,12 @@ def evaluate(run_dir: Optional[str] = None, model_path: Optional[str] = None, sp
         names = list(datamod.DX_CLASSES) if label_mode == "multiclass" else ["not melanoma", "melanoma"]
         result["relation"], figures["relation_matrix"] = relation_analysis(
             model.keras_model, test_images, test["label"].to_numpy(), names, out_dir / "relation_matrix.png", seed)
+    if external and cfg is not None and images is None and split == "holdout":
+        result["external"] = {}
+        for ext in cfg.data.external:
+            result["external"][ext.name] = _score_external_set(
+                ext, out_dir / "external" / ext.name, run_dir=run_dir, model_path=model_path,
+                target_sensitivity=target_sensitivity, refer_fraction=refer_fraction, n_boot=n_boot, seed=seed)
     if cfg is not None:
         cfgmod.save(cfg, out_dir / "config.yaml")  # the run's resolved config, beside what it produced
     write_json(out_dir / "evaluation.json", {
@@ -332,6 +343,27 @@ def evaluate(run_dir: Optional[str] = None, model_path: Optional[str] = None, sp
         "refer_fraction": refer_fraction, "bootstrap": n_boot, "seed": seed, "sidecar": sidecar})
     write_json(out_dir / "metrics.json", result)
     return report.write_report(out_dir, result, figures, gallery)
+
+
+# What the holdout report and the comparisons carry of each external evaluation.
+EXTERNAL_KEYS = ("roc_auc", "roc_auc_ci", "pr_auc", "pr_auc_ci", "sensitivity", "specificity", "ppv", "npv", "f1",
+                 "ece", "ece_calibrated", "ece_platt", "n_images", "n_melanoma")
+
+
+def _score_external_set(ext, out_dir: Path, **kwargs) -> dict:
+    """Scores one configured external set; a set whose files are absent is skipped with the reason."""
+    images, labels = Path(ext.images).expanduser(), Path(ext.labels).expanduser()
+    missing = [str(p) for p in (images, labels) if not p.exists()]
+    if missing:
+        if ext.required:
+            raise EvaluationError(f"data.external {ext.name!r}: not found: {', '.join(missing)}")
+        log.info("external set %s skipped: %s not found", ext.name, ", ".join(missing))
+        return {"skipped": f"not found: {', '.join(Path(m).name for m in missing)}"}
+    log.info("scoring external set %s (%s)", ext.name, images)
+    evaluate(images=str(images), labels=str(labels), out=str(out_dir), gradcam=0, latency_runs=5,
+             relation=False, external=False, **kwargs)
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    return {"folder": f"external/{ext.name}", **{k: metrics.get(k) for k in EXTERNAL_KEYS}}
 
 
 def relation_analysis(keras_model, images: np.ndarray, labels: np.ndarray, names: list[str], path: Path,

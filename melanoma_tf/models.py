@@ -1,4 +1,4 @@
-"""The ResNet50 teacher and the MobileNetV3-Small student (and DenseNet121 for either, as in CRCKD).
+"""The teachers (ResNet50, MobileNetV2) and the MobileNetV3-Small student (and DenseNet121 for either, as in CRCKD).
 
 Both are Functional ``tf_keras`` models that take float RGB images in [0, 255],
 carry their own preprocessing, and output logits (one for binary melanoma,
@@ -17,6 +17,8 @@ from melanoma_tf.config import ConfigError, StudentConfig, TeacherConfig
 # ResNet50's residual blocks, bottom to top; "finetune the top N blocks" counts from the end.
 RESNET50_BLOCKS = tuple(
     f"conv{stage}_block{block}" for stage, n in ((2, 3), (3, 4), (4, 6), (5, 3)) for block in range(1, n + 1))
+# MobileNetV2's blocks bottom to top (Keras names), the 1x1 convolution Conv_1 last.
+MOBILENET_V2_BLOCKS = ("expanded_conv",) + tuple(f"block_{i}" for i in range(1, 17)) + ("Conv_1",)
 # ImageNet channel means in BGR order, as keras.applications.resnet50.preprocess_input ("caffe") uses.
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 
@@ -62,9 +64,48 @@ def _resolve_weights(weights: Optional[str], key: str) -> Optional[str]:
     if weights is None or weights == "imagenet":
         return weights
     path = Path(os.path.expanduser(weights))
-    if not path.is_file():
-        raise ConfigError(f"{key}: weights file not found: {path} (use imagenet, null or a file)")
+    if not path.exists():
+        raise ConfigError(f"{key}: weights file not found: {path} (use imagenet, null, a Keras .h5, "
+                          "a .tflite or a folder of .npy tensors)")
     return str(path)
+
+
+def _is_foreign_weights(weights: Optional[str]) -> bool:
+    """A published file that keras.applications cannot read: a .tflite, or a folder of TF-slim .npy tensors."""
+    return weights is not None and (weights.endswith(".tflite") or Path(weights).is_dir())
+
+
+def _load_foreign_weights(model: keras.Model, weights: str, key: str) -> None:
+    from melanoma_tf import pretrained
+
+    if weights.endswith(".tflite"):
+        pretrained.load_tflite_weights(model, weights)
+    elif Path(weights).is_dir():
+        pretrained.load_slim_npy_weights(model, weights)
+    else:
+        raise ConfigError(f"{key}: {weights}: unknown weights format")
+
+
+@keras.utils.register_keras_serializable(package="melanoma_tf")
+class InceptionPreprocess(keras.layers.Layer):
+    """RGB [0, 255] -> [-1, 1] (MobileNetV2's and EfficientNet-Lite's input format)."""
+
+    def call(self, inputs):
+        return inputs / 127.5 - 1.0
+
+    def get_config(self):
+        return super().get_config()
+
+
+def _mobilenet_v2(image: tf.Tensor, weights: Optional[str], bn_momentum: float) -> keras.Model:
+    x = InceptionPreprocess(name="mobilenet_v2_preprocess")(image)
+    foreign = _is_foreign_weights(weights)
+    backbone = keras.applications.MobileNetV2(include_top=False, alpha=1.0, input_tensor=x,
+                                              weights=None if foreign else weights)
+    if foreign:
+        _load_foreign_weights(backbone, weights, "teacher.weights")
+    set_batchnorm_momentum(backbone, bn_momentum)
+    return backbone
 
 
 def set_batchnorm_momentum(model: keras.Model, momentum: float) -> int:
@@ -95,7 +136,12 @@ def build_teacher(cfg: TeacherConfig, image_size: int, num_outputs: int = 1) -> 
     image = keras.Input((image_size, image_size, 3), name="image")
     if cfg.arch == "densenet121":
         backbone = _densenet121(image, weights, cfg.bn_momentum)
+    elif cfg.arch == "mobilenet_v2":
+        backbone = _mobilenet_v2(image, weights, cfg.bn_momentum)
     else:
+        if _is_foreign_weights(weights):
+            raise ConfigError(f"teacher.weights: {weights} cannot be loaded into {cfg.arch} (.tflite files fit "
+                              "student mobilenet_v3_small, .npy folders teacher mobilenet_v2)")
         x = CaffePreprocess(name="resnet_preprocess")(image)
         backbone = keras.applications.ResNet50(include_top=False, weights=weights, input_tensor=x)
         set_batchnorm_momentum(backbone, cfg.bn_momentum)
@@ -108,18 +154,25 @@ def build_teacher(cfg: TeacherConfig, image_size: int, num_outputs: int = 1) -> 
     return keras.Model(image, logits, name=f"teacher_{cfg.arch}")
 
 
-def unfreeze_top_blocks(model: keras.Model, n_blocks: int) -> list[str]:
-    """Makes the top ``n_blocks`` residual blocks of a teacher trainable.
+def unfreeze_top_blocks(model: keras.Model, n_blocks: int, arch: str = "resnet50") -> list[str]:
+    """Makes the top ``n_blocks`` blocks of a teacher's backbone trainable.
 
     BatchNormalization layers stay frozen (inference mode), the usual practice
     when fine-tuning at a low learning rate on a small dataset.
 
+    Args:
+      model: the teacher.
+      n_blocks: how many blocks, counted from the top.
+      arch: ``resnet50`` (16 residual blocks) or ``mobilenet_v2`` (17 inverted
+        residual blocks plus the last 1x1 convolution ``Conv_1``).
+
     Returns:
       The names of the unfrozen blocks.
     """
-    blocks = list(RESNET50_BLOCKS[len(RESNET50_BLOCKS) - n_blocks:]) if n_blocks else []
+    names = MOBILENET_V2_BLOCKS if arch == "mobilenet_v2" else RESNET50_BLOCKS
+    blocks = list(names[len(names) - n_blocks:]) if n_blocks else []
     for layer in model.layers:
-        if any(layer.name.startswith(b + "_") for b in blocks):
+        if any(layer.name == b or layer.name.startswith(b + "_") for b in blocks):
             layer.trainable = not isinstance(layer, keras.layers.BatchNormalization)
     return blocks
 
@@ -145,7 +198,10 @@ def build_student(cfg: StudentConfig, image_size: int, num_outputs: int = 1) -> 
     else:
         features = mobilenet_v3_small(image, cfg.alpha, cfg.minimalistic, cfg.bn_momentum)
         backbone = keras.Model(image, features)
-        load_backbone_weights(backbone, weights, image_size, cfg.alpha, cfg.minimalistic)
+        if _is_foreign_weights(weights):
+            _load_foreign_weights(backbone, weights, "student.weights")
+        else:
+            load_backbone_weights(backbone, weights, image_size, cfg.alpha, cfg.minimalistic)
     pool = keras.layers.GlobalAveragePooling2D if cfg.pooling == "avg" else keras.layers.GlobalMaxPooling2D
     x = pool(name=f"{cfg.pooling}_pool")(backbone.output)
     if cfg.head_units:

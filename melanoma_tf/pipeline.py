@@ -24,11 +24,55 @@ def decode_and_resize(path: tf.Tensor, image_size: int) -> tf.Tensor:
     return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
 
 
-def build_augmenter(cfg: AugmentConfig, seed: int) -> Optional[keras.Sequential]:
-    """keras-cv augmentation for float images in [0, 255]; None when everything is off."""
+class RandomColourCast(keras.layers.Layer):
+    """Multiplies each channel by its own random gain in [1 - cast, 1 + cast]: another camera's white balance."""
+
+    def __init__(self, cast: float, seed: Optional[int] = None, **kwargs):
+        super().__init__(**kwargs)
+        self.cast, self.seed = cast, seed
+
+    def call(self, images, training=True):
+        if not training:
+            return images
+        gains = tf.random.uniform((tf.shape(images)[0], 1, 1, 3), 1.0 - self.cast, 1.0 + self.cast, seed=self.seed)
+        return tf.clip_by_value(images * gains, 0.0, 255.0)
+
+
+class RandomVignette(keras.layers.Layer):
+    """Darkens the image towards its corners by a random fraction up to ``strength`` (a dermatoscope's vignette).
+
+    The gain is ``1 - s * r^2 / 2`` with ``r`` the distance from the centre (1 at the
+    edge midpoints, sqrt(2) in the corners), so the corners lose ``s``.
+    """
+
+    def __init__(self, strength: float, seed: Optional[int] = None, **kwargs):
+        super().__init__(**kwargs)
+        self.strength, self.seed = strength, seed
+
+    def call(self, images, training=True):
+        if not training:
+            return images
+        height, width = tf.shape(images)[1], tf.shape(images)[2]
+        ys = tf.linspace(-1.0, 1.0, height)[:, None]
+        xs = tf.linspace(-1.0, 1.0, width)[None, :]
+        radius2 = (ys ** 2 + xs ** 2)[None, :, :, None]
+        s = tf.random.uniform((tf.shape(images)[0], 1, 1, 1), 0.0, self.strength, seed=self.seed)
+        return images * (1.0 - s * radius2 / 2.0)
+
+
+def build_augmenter(cfg: AugmentConfig, seed: int, image_size: Optional[int] = None) -> Optional[keras.Sequential]:
+    """keras-cv augmentation for float images in [0, 255]; None when everything is off.
+
+    ``image_size`` is needed for the random resized crop (``crop_area_min < 1``).
+    """
     import keras_cv
 
     layers = []
+    if cfg.crop_area_min < 1:
+        if image_size is None:
+            raise ValueError("data.augment.crop_area_min needs the image size")
+        layers.append(keras_cv.layers.RandomCropAndResize((image_size, image_size), (cfg.crop_area_min, 1.0),
+                                                          (3 / 4, 4 / 3), seed=seed + 6))
     if cfg.flip:
         layers.append(keras_cv.layers.RandomFlip("horizontal_and_vertical", seed=seed))
     if cfg.rotation > 0:
@@ -47,6 +91,12 @@ def build_augmenter(cfg: AugmentConfig, seed: int) -> Optional[keras.Sequential]
             saturation_factor=(0.5 - cfg.saturation, 0.5 + cfg.saturation),
             hue_factor=(0.0, cfg.hue),
             seed=seed + 4))
+    if cfg.colour_cast > 0:
+        layers.append(RandomColourCast(cfg.colour_cast, seed=seed + 7))
+    if cfg.vignette > 0:
+        layers.append(RandomVignette(cfg.vignette, seed=seed + 8))
+    if cfg.blur_sigma > 0:
+        layers.append(keras_cv.layers.RandomGaussianBlur(5, (0.0, cfg.blur_sigma), seed=seed + 9))
     if cfg.rand_augment:
         layers.append(keras_cv.layers.RandAugment(value_range=(0, 255), augmentations_per_image=2,
                                                   magnitude=cfg.rand_augment_magnitude, seed=seed + 5))

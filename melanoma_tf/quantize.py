@@ -282,7 +282,7 @@ def qat_finetune(student: keras.Model, cfg, stage_dir: Path, folder: Path, epoch
     size, batch = cfg.data.image_size, cfg.train.batch_size
     train_ds = make_dataset(train["path"].tolist(), train["label"].to_numpy(), size, batch, binary=binary,
                             training=True, sample_weights=sample_weights, teacher_logits=cached,
-                            augmenter=build_augmenter(cfg.data.augment, cfg.seed), cache=cfg.data.cache,
+                            augmenter=build_augmenter(cfg.data.augment, cfg.seed, cfg.data.image_size), cache=cfg.data.cache,
                             seed=cfg.seed)
     val_ds = make_dataset(val["path"].tolist(), val["label"].to_numpy(), size, batch, binary=binary,
                           cache=cfg.data.cache)

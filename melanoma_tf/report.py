@@ -54,6 +54,23 @@ def summary_row(metrics: dict) -> list[str]:
     return cells
 
 
+EXTERNAL_COLUMNS = [("roc_auc", "ROC-AUC [95% CI]"), ("pr_auc", "PR-AUC [95% CI]"), ("sensitivity", "sens"),
+                    ("specificity", "spec"), ("ece", "ECE"), ("ece_calibrated", "ECE (T-scaled)"),
+                    ("n_images", "images"), ("n_melanoma", "melanomas")]
+
+
+def external_table(sets: dict) -> str:
+    """One row per data set (holdout first, then each external set) of one model."""
+    rows = []
+    for name, m in sets.items():
+        if "skipped" in m:
+            rows.append([name, f"skipped: {m['skipped']}"] + [""] * (len(EXTERNAL_COLUMNS) - 1))
+            continue
+        rows.append([name] + [with_ci(m, k) if k in ("roc_auc", "pr_auc") else
+                              fmt(m.get(k), "{}" if k.startswith("n_") else "{:.3f}") for k, _ in EXTERNAL_COLUMNS])
+    return table(["data"] + [h for _, h in EXTERNAL_COLUMNS], rows)
+
+
 def table(headers: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -84,6 +101,11 @@ def write_report(out_dir: Path, metrics: dict, figures: dict, gallery: list[dict
              f"of these images ({metrics.get('referred_melanomas')} melanomas among them). On the images decided "
              f"automatically: sensitivity {fmt(metrics.get('decided_sensitivity'))}, specificity "
              f"{fmt(metrics.get('decided_specificity'))}.", ""]
+    if metrics.get("external"):
+        lines += ["## External test sets", "",
+                  "The same model and the same validation-chosen threshold and temperature on images from other "
+                  "clinics and devices, beside this split. Never trained, tuned or chosen on.", "",
+                  external_table({metrics.get("split", "this split"): metrics, **metrics["external"]}), ""]
     for key, title in (("roc", "ROC curve"), ("pr", "Precision-recall curve"), ("reliability", "Reliability diagram"),
                        ("threshold_sweep", "Threshold sweep"), ("confusion", "Confusion matrix at the threshold"),
                        ("confusion_multiclass", "Multiclass confusion matrix")):
@@ -160,9 +182,12 @@ def compare(paths: list[str], out: Optional[str] = None, split: str = "holdout")
         if y.max() > 1:  # multiclass: melanoma vs rest
             y = (y == 4).astype(int)
         curves[name] = (y, predictions["probability"].to_numpy())
+        external = {k: v for k, v in (metrics.get("external") or {}).items() if "skipped" not in v}
         rows.append({"model": name, "folder": str(folder), **{k: metrics.get(k) for k, _, _ in SUMMARY_COLUMNS},
                      "roc_auc_ci": metrics.get("roc_auc_ci"), "pr_auc_ci": metrics.get("pr_auc_ci"),
-                     "n_images": metrics.get("n_images")})
+                     "n_images": metrics.get("n_images"),
+                     **{f"{ext}_{k}": v.get(k) for ext, v in external.items()
+                        for k in ("roc_auc", "roc_auc_ci", "sensitivity", "specificity", "ece_calibrated")}})
     frame = pd.DataFrame(rows)
     write_atomic(out_dir / "compare.csv", frame.to_csv(index=False))
     figures = {"roc": plots.roc_plot(out_dir / "roc.png", curves)}
@@ -180,6 +205,24 @@ def compare(paths: list[str], out: Optional[str] = None, split: str = "holdout")
     lines = [f"# Comparison on {split}", "",
              table(["model"] + [h for _, h, _ in SUMMARY_COLUMNS],
                    [[r["model"]] + summary_row(r) for r in rows]), ""]
+    external_sets = sorted({key[:-len("_roc_auc")] for r in rows for key in r if key.endswith("_roc_auc")
+                            and key != "roc_auc"})
+    if external_sets:
+        lines += ["## Holdout vs external test sets", "",
+                  "ROC-AUC with 95% bootstrap intervals; sensitivity / specificity at each model's "
+                  "validation-chosen threshold; ECE after the validation-fitted temperature.", ""]
+        headers = ["model", "holdout ROC-AUC", "holdout sens / spec"]
+        for ext in external_sets:
+            headers += [f"{ext} ROC-AUC", f"{ext} sens / spec", f"{ext} ECE (T)"]
+        body = []
+        for r in rows:
+            cells = [r["model"], with_ci(r, "roc_auc"), f"{fmt(r.get('sensitivity'))} / {fmt(r.get('specificity'))}"]
+            for ext in external_sets:
+                cells += [with_ci({"v": r.get(f"{ext}_roc_auc"), "v_ci": r.get(f"{ext}_roc_auc_ci")}, "v"),
+                          f"{fmt(r.get(f'{ext}_sensitivity'))} / {fmt(r.get(f'{ext}_specificity'))}",
+                          fmt(r.get(f"{ext}_ece_calibrated"))]
+            body.append(cells)
+        lines += [table(headers, body), ""]
     lines += [f"![{k}]({v})\n" for k, v in figures.items()]
     path = out_dir / "compare.md"
     write_atomic(path, "\n".join(lines))

@@ -14,6 +14,72 @@ from typing import Optional
 import numpy as np
 
 
+class FlatbufferError(ValueError):
+    """A .tflite file is cut short, corrupted or not a flatbuffer; the message names the file."""
+
+
+def verify_flatbuffer(path: str | os.PathLike) -> None:
+    """Checks a ``.tflite`` file's structure before any runtime opens it.
+
+    The C++ runtimes trust the file: a copy cut short (an interrupted ``scp``)
+    made them crash with a segmentation fault or eat all memory. Here every
+    table, vector and buffer is read with bounds-checked Python code first: the
+    ``TFL3`` identifier, the root table, each subgraph's tensors (shape, buffer
+    index) and operators (opcode and tensor indices), and each buffer's data
+    (inside the file, or at its external offset).
+
+    Raises:
+      FlatbufferError: with the file name and what is wrong.
+    """
+    from ai_edge_litert import schema_py_generated as schema
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"TFLite model not found: {path}")
+    data = path.read_bytes()
+    if len(data) < 8 or data[4:8] != b"TFL3":
+        raise FlatbufferError(f"{path}: not a TFLite flatbuffer (no 'TFL3' identifier)")
+    try:
+        model = schema.Model.GetRootAs(data, 0)
+        n_buffers, n_codes = model.BuffersLength(), model.OperatorCodesLength()
+        for i in range(n_codes):
+            model.OperatorCodes(i).BuiltinCode()
+        if model.SubgraphsLength() < 1:
+            raise FlatbufferError(f"{path}: the model has no subgraph")
+        for g in range(model.SubgraphsLength()):
+            graph = model.Subgraphs(g)
+            n_tensors = graph.TensorsLength()
+            for t in range(n_tensors):
+                tensor = graph.Tensors(t)
+                tensor.ShapeAsNumpy()
+                if not 0 <= tensor.Buffer() < max(n_buffers, 1):
+                    raise FlatbufferError(f"{path}: tensor {t} points at buffer {tensor.Buffer()} of {n_buffers}")
+            for io in (graph.InputsAsNumpy(), graph.OutputsAsNumpy()):
+                if np.any((np.asarray(io) < 0) | (np.asarray(io) >= n_tensors)):
+                    raise FlatbufferError(f"{path}: subgraph {g} names a tensor it does not have")
+            for o in range(graph.OperatorsLength()):
+                op = graph.Operators(o)
+                if not 0 <= op.OpcodeIndex() < n_codes:
+                    raise FlatbufferError(f"{path}: operator {o} has opcode {op.OpcodeIndex()} of {n_codes}")
+                for io in (op.InputsAsNumpy(), op.OutputsAsNumpy()):
+                    io = np.asarray(io)
+                    if np.any((io < -1) | (io >= n_tensors)):
+                        raise FlatbufferError(f"{path}: operator {o} names a tensor it does not have")
+        for b in range(n_buffers):
+            buffer = model.Buffers(b)
+            if buffer.Offset() > 1:  # stored after the flatbuffer (models over 2 GB)
+                if buffer.Offset() + buffer.Size() > len(data):
+                    raise FlatbufferError(f"{path}: buffer {b} ends at byte {buffer.Offset() + buffer.Size()} "
+                                          f"of {len(data)}: the file is cut short")
+            elif buffer.DataLength():
+                buffer.DataAsNumpy()
+    except FlatbufferError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any read past the end or bad offset means a broken file
+        raise FlatbufferError(f"{path}: corrupt or cut-short TFLite flatbuffer ({len(data):,} bytes): "
+                              f"{type(err).__name__}: {err}") from None
+
+
 def make_interpreter(path: str, threads: int = 1, reference_kernels: bool = False):
     """A LiteRT interpreter (ai-edge-litert), falling back to TensorFlow's.
 
@@ -45,6 +111,7 @@ class TFLiteModel:
         if not self.path.is_file():
             raise FileNotFoundError(f"TFLite model not found: {self.path}")
         self.threads = threads
+        verify_flatbuffer(self.path)
         self.interpreter = make_interpreter(str(self.path), threads, reference_kernels)
         self.interpreter.allocate_tensors()
         self._input = self.interpreter.get_input_details()[0]

@@ -14,6 +14,7 @@ epoch; finished stages are not run again. The last line printed is
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import subprocess
@@ -67,8 +68,8 @@ def prepare_data(cfg: Config) -> PreparedData:
                                        d.on_missing, d.on_corrupt)
     frame = lesions.frame
     frame["split"] = datamod.lesion_grouped_split(frame, cfg.data_seed, d.holdout_fraction, d.val_fraction,
-                                                  d.folds, d.fold)
-    for split in ("train", "val"):
+                                                  d.folds, d.fold, d.holdout_source)
+    for split in ("train", "val") + (("holdout",) if d.holdout_source else ()):
         labels = frame.loc[frame["split"] == split, "label"]
         if labels.nunique() < 2:
             raise datamod.DataError(f"the {split} split has only one class ({len(labels)} images); "
@@ -126,6 +127,39 @@ def _flatten(values: dict, prefix: str = "") -> dict:
 
 
 # --------------------------------------------------------------------------- one stage
+
+
+def prepare_start_weights(model, stage: str, cfg: Config, train: pd.DataFrame) -> dict:
+    """Says which weights the stage starts from and re-estimates BatchNorm statistics when configured.
+
+    Imported weights with folded BatchNorm (a ``.tflite``) leave every BatchNorm at
+    the identity; ``bn_reestimate_images: N`` measures the statistics on N training
+    images (a seeded sample, not augmented) before the first step, keeping the
+    model's function unchanged (:func:`melanoma_tf.pretrained.reestimate_batchnorm`).
+
+    Returns:
+      ``{"source", "name", "sha256", "bn_reestimated_on"}``, also written to
+      ``start_weights.json`` in the stage folder (file names only, no machine paths).
+    """
+    from melanoma_tf import pretrained
+    from melanoma_tf.evaluate import load_images
+
+    model_cfg = cfg.teacher if stage == "teacher" else cfg.student
+    weights = model_cfg.weights
+    if weights is None:
+        info = {"source": "random initialisation"}
+    elif weights == "imagenet":
+        info = {"source": "imagenet (keras.applications download)"}
+    else:
+        info = {"source": "file", **pretrained.describe_weights(Path(weights).expanduser())}
+    count = min(model_cfg.bn_reestimate_images, len(train))
+    if count:
+        rows = np.random.default_rng(cfg.seed).choice(len(train), size=count, replace=False)
+        images = load_images(train["path"].iloc[np.sort(rows)].tolist(), cfg.data.image_size)
+        layers = pretrained.reestimate_batchnorm(model, images)
+        info["bn_reestimated_on"] = f"{count} training images ({layers} BatchNorm layers)"
+    log.info("stage %s starts from %s", stage, ", ".join(f"{k}: {v}" for k, v in info.items()))
+    return info
 
 
 def _stage_model(stage: str, cfg: Config, image_size: int):
@@ -195,8 +229,6 @@ def train_stage(stage: str, cfg: Config, data: PreparedData, folder: Path,
     folder.mkdir(parents=True, exist_ok=True)
     if (folder / "metrics.json").is_file() and resume:
         log.info("stage %s already finished in %s", stage, folder)
-        import json
-
         return json.loads((folder / "metrics.json").read_text())
     cfgmod.save(cfg, folder / "config.yaml")
     digest = datamod.write_split_manifest(data.frame, folder, {"data": data.summary, "seed": cfg.seed})
@@ -224,6 +256,10 @@ def train_stage(stage: str, cfg: Config, data: PreparedData, folder: Path,
             teacher = models.load_model(teacher_paths[0])
         elif stage == "distill" and not relational:
             teacher = load_teacher(teacher_paths, size)
+    weights_info = None
+    if not (resume and int(cb.load_state(folder).get("epoch", 0))):  # a checkpoint replaces the start weights
+        weights_info = prepare_start_weights(student, stage, cfg, data.part("train"))
+        write_json(folder / "start_weights.json", weights_info)
     cached = None
     alpha = 1.0
     if stage == "distill" and not relational:
@@ -231,7 +267,7 @@ def train_stage(stage: str, cfg: Config, data: PreparedData, folder: Path,
         if cfg.distill.teacher_outputs == "cached":
             cached = cache_teacher_logits(teacher, data, cfg, folder)
             teacher = None  # the cached logits replace the teacher's forward pass
-    augmenter = build_augmenter(cfg.data.augment, cfg.seed)
+    augmenter = build_augmenter(cfg.data.augment, cfg.seed, cfg.data.image_size)
     train_ds = make_dataset(train["path"].tolist(), train["label"].to_numpy(), size, batch, binary=binary,
                             training=True, sample_weights=sample_weights, teacher_logits=cached,
                             augmenter=augmenter, cache=cfg.data.cache, seed=cfg.seed, with_index=relational,
@@ -263,7 +299,7 @@ def train_stage(stage: str, cfg: Config, data: PreparedData, folder: Path,
                 student.load_weights(str(folder / "best.weights.h5"))
             for layer in student.layers:
                 layer.trainable = False
-            unfrozen = models.unfreeze_top_blocks(student, cfg.teacher.finetune_blocks)
+            unfrozen = models.unfreeze_top_blocks(student, cfg.teacher.finetune_blocks, cfg.teacher.arch)
             for name in ("avg_pool", "head_dropout", "logits"):
                 student.get_layer(name).trainable = True
             log.info("fine-tuning the top %d blocks: %s", len(unfrozen), ", ".join(unfrozen))
@@ -323,6 +359,9 @@ def train_stage(stage: str, cfg: Config, data: PreparedData, folder: Path,
     for key in ("val_bma", "val_acc", "val_f1", "val_spec_at_sens95"):
         if key in best:
             result[key] = best[key]
+    if weights_info is None and (folder / "start_weights.json").is_file():
+        weights_info = json.loads((folder / "start_weights.json").read_text())
+    result["start_weights"] = weights_info
     if history:
         from melanoma_tf.plots import history_plot
 
