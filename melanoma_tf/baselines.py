@@ -132,7 +132,7 @@ def run_baselines(cfg, run_dir: Optional[str] = None, names: tuple[str, ...] = (
                   n_boot: int = 1000, target_sensitivity: float = 0.95) -> Path:
     """Trains and scores the baselines; returns the output folder."""
     from melanoma_tf import plots, report
-    from melanoma_tf.evaluate import binary_report, load_images
+    from melanoma_tf.evaluate import EXTERNAL_KEYS, binary_report, external_frame, load_images
     from melanoma_tf.train import new_run_dir, prepare_data
 
     data = prepare_data(cfg)
@@ -155,6 +155,13 @@ def run_baselines(cfg, run_dir: Optional[str] = None, names: tuple[str, ...] = (
     parts = {s: frame[frame["split"] == s].reset_index(drop=True) for s in ("train", "val", "holdout")}
     features = {s: colour_texture_features(load_images(p["path"].tolist(), size)) for s, p in parts.items()}
     log.info("features %s for %d images in %.1fs", features["train"].shape[1:], len(frame), time.time() - start)
+    externals = {}
+    for ext in cfg.data.external:
+        if not (Path(ext.images).expanduser().is_dir() and Path(ext.labels).expanduser().is_file()):
+            log.info("external set %s skipped: not found", ext.name)
+            continue
+        ext_frame = external_frame(ext.images, ext.labels)
+        externals[ext.name] = (ext_frame, colour_texture_features(load_images(ext_frame["path"].tolist(), size)))
     for name in names:
         estimator = make_baselines(cfg.seed)[name]
         t0 = time.time()
@@ -184,6 +191,20 @@ def run_baselines(cfg, run_dir: Optional[str] = None, names: tuple[str, ...] = (
         p_cal = M.sigmoid(M.logit(scores["holdout"]) / result["temperature"])
         figures = plots.binary_figures(eval_dir, test["label"].to_numpy(), scores["holdout"], p_cal,
                                        result["threshold"])
+        result["external"] = {}
+        for ext_name, (ext_frame, ext_features) in externals.items():
+            ext_scores = np.clip(estimator.predict_proba(ext_features)[:, 1], 1e-6, 1 - 1e-6)
+            ext_result = binary_report(parts["val"]["label"].to_numpy(), M.logit(scores["val"]),
+                                       ext_frame["label"].to_numpy(), M.logit(ext_scores),
+                                       ext_frame["lesion_id"].to_numpy(), target_sensitivity=target_sensitivity,
+                                       n_boot=n_boot, seed=cfg.seed)
+            ext_dir = eval_dir / "external" / ext_name
+            ext_dir.mkdir(parents=True, exist_ok=True)
+            write_atomic(ext_dir / "predictions.csv", ext_frame[["image_id", "lesion_id", "label"]].assign(
+                probability=ext_scores).to_csv(index=False))
+            write_json(ext_dir / "metrics.json", {**ext_result, "model_name": f"baseline_{name}", "split": "external"})
+            result["external"][ext_name] = {"folder": f"external/{ext_name}",
+                                            **{k: ext_result.get(k) for k in EXTERNAL_KEYS}}
         write_json(eval_dir / "metrics.json", result)
         buffer = io.BytesIO()
         pickle.dump(estimator, buffer)

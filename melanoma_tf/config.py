@@ -149,6 +149,7 @@ class DistillConfig:
     # Chained runs use their teacher stage.
     teacher: tuple[str, ...] = ()
     teacher_outputs: Literal["online", "cached"] = "online"
+    teacher_tta: bool = False  # cached logits averaged over the four flips of each image
     method: Literal["kd", "relational"] = "kd"  # relational: the `relational` section (CRCKD, CRD, SP, FitNet)
 
 

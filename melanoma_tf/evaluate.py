@@ -179,7 +179,7 @@ def melanoma_logit(logits: np.ndarray, labels: str) -> np.ndarray:
 def binary_report(val_y, val_z, test_y, test_z, test_groups, *, target_sensitivity: float = 0.95,
                   refer_fraction: float = 0.1, n_boot: int = 1000, seed: int = 0,
                   threshold: Optional[float] = None, temperature: Optional[float] = None,
-                  refer_margin: Optional[float] = None) -> dict:
+                  refer_margin: Optional[float] = None, platt: Optional[tuple[float, float]] = None) -> dict:
     """All binary metrics of one model on a test set, with every choice made on validation.
 
     Args:
@@ -190,6 +190,7 @@ def binary_report(val_y, val_z, test_y, test_z, test_groups, *, target_sensitivi
       target_sensitivity: the validation sensitivity the threshold must reach.
       refer_fraction: share of validation images inside the referral band.
       threshold: a fixed probability threshold instead of choosing one.
+      platt: a fixed Platt calibration ``(a, b)`` (a sidecar's) instead of fitting one on validation.
 
     Returns:
       A dict with the ``metrics.json`` keys.
@@ -216,9 +217,11 @@ def binary_report(val_y, val_z, test_y, test_z, test_groups, *, target_sensitivi
     p_cal = M.sigmoid(test_z / temperature)
     out.update({"temperature": temperature, "ece": M.ece(test_y, p), "ece_calibrated": M.ece(test_y, p_cal),
                 "brier": M.brier(test_y, p), "brier_calibrated": M.brier(test_y, p_cal)})
-    if val_z is not None:
-        a, b = M.fit_platt(val_z, val_y)
-        out.update({"platt": [a, b], "ece_platt": M.ece(test_y, M.sigmoid(a * test_z + b))})
+    if platt is None and val_z is not None:
+        platt = M.fit_platt(val_z, val_y)
+    if platt is not None:
+        a, b = platt
+        out.update({"platt": [float(a), float(b)], "ece_platt": M.ece(test_y, M.sigmoid(a * test_z + b))})
     out.update(M.refer_summary(test_y, test_z / temperature, threshold_logit / temperature, refer_margin))
     if val_z is not None:
         out["val_sensitivity"] = M.rates_at(val_y, M.sigmoid(val_z), threshold)["sensitivity"]
@@ -271,8 +274,10 @@ def evaluate(run_dir: Optional[str] = None, model_path: Optional[str] = None, sp
         val_logits = _predict(model, val)
     fixed = {}
     if sidecar is not None and cfg is None:
+        calibration = sidecar.get("calibration") or {}
         fixed = {"threshold": sidecar["threshold"], "temperature": sidecar.get("temperature", 1.0),
-                 "refer_margin": sidecar.get("refer_margin_logit", 0.0)}
+                 "refer_margin": sidecar.get("refer_margin_logit", 0.0),
+                 "platt": (calibration["a"], calibration["b"]) if calibration.get("method") == "platt" else None}
     test_z = melanoma_logit(test_logits, label_mode)
     test_y = (test["label"].to_numpy() == datamod.DX_CLASSES.index("mel")).astype(int) \
         if label_mode == "multiclass" else test["label"].to_numpy()
@@ -301,7 +306,9 @@ def evaluate(run_dir: Optional[str] = None, model_path: Optional[str] = None, sp
     predictions = test[["image_id", "lesion_id", "label"]].copy()
     predictions["probability"] = M.sigmoid(test_z)
     predictions["logit"] = test_z
-    predictions["calibrated_probability"] = M.sigmoid(test_z / result["temperature"])
+    # The probability a user is shown: the validation-fitted Platt calibration (the sidecar's), else the temperature.
+    a, b = result.get("platt") or (1.0 / result["temperature"], 0.0)
+    predictions["calibrated_probability"] = M.sigmoid(a * test_z + b)
     predictions["called_melanoma"] = predictions["probability"] >= result["threshold"]
     distance = np.abs(test_z / result["temperature"] - M.logit(result["threshold"]) / result["temperature"])
     predictions["uncertainty_margin"] = distance

@@ -254,7 +254,7 @@ def qat_finetune(student: keras.Model, cfg, stage_dir: Path, folder: Path, epoch
     from melanoma_tf.distiller import Distiller
     from melanoma_tf.evaluate import split_frame
     from melanoma_tf.pipeline import build_augmenter, class_weights, make_dataset
-    from melanoma_tf.teachers import cache_teacher_logits, load_teacher, resolve_teacher_paths
+    from melanoma_tf.teachers import cache_teacher_logits, load_teacher, resolve_teacher_paths, teacher_input_size
     from melanoma_tf.train import PreparedData, _loss_fn
 
     train, val = split_frame(cfg, stage_dir, "train"), split_frame(cfg, stage_dir, "val")
@@ -274,7 +274,9 @@ def qat_finetune(student: keras.Model, cfg, stage_dir: Path, folder: Path, epoch
         if cached is None:
             teacher_files = (resolve_teacher_paths(cfg.distill.teacher) if cfg.distill.teacher
                              else [stage_dir.parent / "teacher" / "model.keras"])
-            cached = cache_teacher_logits(load_teacher(teacher_files, cfg.data.image_size), data, cfg, folder)
+            teacher_size = max(cfg.data.image_size, teacher_input_size(teacher_files))
+            cached = cache_teacher_logits(load_teacher(teacher_files, teacher_size), data, cfg, folder,
+                                          teacher_size, cfg.distill.teacher_tta)
         alpha = cfg.distill.alpha
         log.info("QAT continues distillation (alpha %.2f, T %.1f) from cached teacher logits", alpha,
                  cfg.distill.temperature)
@@ -398,8 +400,12 @@ def _sidecar(cfg, stage_dir: Path, path: Path, mode: str, eval_dir: Path, blob: 
         "threshold": metrics["threshold"], "threshold_logit": float(np.log(metrics["threshold"])
                                                                     - np.log1p(-metrics["threshold"])),
         "target_sensitivity": metrics["target_sensitivity"], "temperature": metrics["temperature"],
+        # Validation-fitted calibration every runtime applies: probability = sigmoid(a * logit + b). Platt's b also
+        # undoes the base-rate shift of class-weighted training, which a temperature alone cannot.
+        "calibration": {"method": "platt", "a": metrics["platt"][0], "b": metrics["platt"][1],
+                        "fitted_on": "validation"} if metrics.get("platt") else None,
         "refer_margin_logit": metrics["refer_margin_logit"],
-        "tflm_arena_bytes": arena, "source_run": str(stage_dir),
+        "tflm_arena_bytes": arena, "source_run": stage_dir.name,
     }
 
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
@@ -69,11 +70,40 @@ def load_teacher(paths: list[Path], image_size: int):
     return keras.Model(image, logits, name="teacher_ensemble")
 
 
-def cache_teacher_logits(teacher, data: PreparedData, cfg: Config, folder: Path) -> np.ndarray:
+def teacher_input_size(paths: list[Path]) -> int:
+    """The largest input side among the teacher models: cached logits are computed at that resolution."""
+    import zipfile
+
+    from melanoma_tf import models
+
+    sizes = []
+    for path in paths:
+        try:
+            with zipfile.ZipFile(path) as archive:
+                config = json.loads(archive.read("config.json"))
+            shape = config["config"]["layers"][0]["config"]["batch_input_shape"]
+            sizes.append(int(shape[1]))
+        except (KeyError, IndexError, TypeError, ValueError, zipfile.BadZipFile):
+            sizes.append(int(models.load_model(path).input_shape[1]))
+    return max(sizes)
+
+
+# The four flips of test-time augmentation (a lesion has no up, down, left or right).
+_TTA_FLIPS = ((False, False), (True, False), (False, True), (True, True))
+
+
+def cache_teacher_logits(teacher, data: PreparedData, cfg: Config, folder: Path, image_size: Optional[int] = None,
+                         tta: bool = False) -> np.ndarray:
     """Teacher logits for every training image, without augmentation (offline KD).
 
     Stored as ``teacher_logits.npz`` (image_id, logits) in the stage folder and
     reused on resume when the image ids match.
+
+    Args:
+      teacher: the teacher model, taking ``image_size`` inputs.
+      image_size: the resolution the teacher sees (default ``data.image_size``):
+        a 224 px teacher should see 224 px images, not the student's upsampled ones.
+      tta: average the logits over the four flips of each image.
     """
     from melanoma_tf.pipeline import make_dataset
 
@@ -83,13 +113,20 @@ def cache_teacher_logits(teacher, data: PreparedData, cfg: Config, folder: Path)
         saved = np.load(path, allow_pickle=False)
         if list(saved["image_id"]) == train["image_id"].tolist():
             return saved["logits"]
-    ds = make_dataset(train["path"].tolist(), train["label"].to_numpy(), cfg.data.image_size,
+    ds = make_dataset(train["path"].tolist(), train["label"].to_numpy(), image_size or cfg.data.image_size,
                       cfg.train.batch_size, binary=cfg.data.labels == "binary", cache="none")
     start = time.time()
+    from melanoma_tf.backend import tf
     from melanoma_tf.callbacks import predict_logits
 
-    logits = predict_logits(teacher, ds.map(lambda x, y, w: x))
-    log.info("cached teacher logits for %d training images in %.1fs", len(train), time.time() - start)
+    images = ds.map(lambda x, y, w: x)
+    views = []
+    for flip_h, flip_v in (_TTA_FLIPS if tta else _TTA_FLIPS[:1]):
+        axes = [axis for axis, on in ((2, flip_h), (1, flip_v)) if on]
+        views.append(predict_logits(teacher, images.map(lambda x, a=tuple(axes): tf.reverse(x, a) if a else x)))
+    logits = np.mean(views, axis=0)
+    log.info("cached teacher logits for %d training images at %d px%s in %.1fs", len(train),
+             image_size or cfg.data.image_size, " (4-flip TTA)" if tta else "", time.time() - start)
     tmp = folder / ".teacher_logits.tmp.npz"
     np.savez(tmp, image_id=np.array(train["image_id"].tolist()), logits=logits)
     tmp.replace(path)

@@ -32,7 +32,8 @@ from melanoma_tf import data as datamod
 from melanoma_tf import synthetic
 from melanoma_tf.config import Config, ConfigError
 from melanoma_tf.files import write_json
-from melanoma_tf.teachers import cache_teacher_logits, load_teacher, resolve_teacher_paths  # noqa: F401
+from melanoma_tf.teachers import (cache_teacher_logits, load_teacher, resolve_teacher_paths,  # noqa: F401
+                                  teacher_input_size)
 
 log = logging.getLogger("melanoma_tf.train")
 
@@ -254,7 +255,7 @@ def train_stage(stage: str, cfg: Config, data: PreparedData, folder: Path,
         teacher = None
         if relational and not mean_teacher:  # the raw model: its features are read inside
             teacher = models.load_model(teacher_paths[0])
-        elif stage == "distill" and not relational:
+        elif stage == "distill" and not relational and cfg.distill.teacher_outputs == "online":
             teacher = load_teacher(teacher_paths, size)
     weights_info = None
     if not (resume and int(cb.load_state(folder).get("epoch", 0))):  # a checkpoint replaces the start weights
@@ -264,9 +265,10 @@ def train_stage(stage: str, cfg: Config, data: PreparedData, folder: Path,
     alpha = 1.0
     if stage == "distill" and not relational:
         alpha = cfg.distill.alpha
-        if cfg.distill.teacher_outputs == "cached":
-            cached = cache_teacher_logits(teacher, data, cfg, folder)
-            teacher = None  # the cached logits replace the teacher's forward pass
+        if cfg.distill.teacher_outputs == "cached":  # the teacher runs once, at its own resolution
+            teacher_size = max(size, teacher_input_size(teacher_paths))
+            cached = cache_teacher_logits(load_teacher(teacher_paths, teacher_size), data, cfg, folder,
+                                          teacher_size, cfg.distill.teacher_tta)
     augmenter = build_augmenter(cfg.data.augment, cfg.seed, cfg.data.image_size)
     train_ds = make_dataset(train["path"].tolist(), train["label"].to_numpy(), size, batch, binary=binary,
                             training=True, sample_weights=sample_weights, teacher_logits=cached,

@@ -80,6 +80,12 @@ def test_sidecar_contract(trained_run, ptq_folder):
         assert sidecar["input_scale"] == pytest.approx(model._input["quantization"][0])
         assert sidecar["threshold_logit"] == pytest.approx(np.log(sidecar["threshold"] / (1 - sidecar["threshold"])))
     assert json.loads((ptq_folder / "int8.json").read_text())["tflm_arena_bytes"] > 0
+    # The validation-fitted calibration travels with the model; no path of this machine does.
+    sidecar = json.loads((ptq_folder / "int8.json").read_text())
+    metrics = json.loads((ptq_folder / "eval_int8" / "metrics.json").read_text())
+    assert sidecar["calibration"] == {"method": "platt", "a": metrics["platt"][0], "b": metrics["platt"][1],
+                                      "fitted_on": "validation"}
+    assert "/" not in sidecar["source_run"] and sidecar["source_run"] == trained_run.name
 
 
 @pytest.mark.slow

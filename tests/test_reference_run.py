@@ -17,23 +17,28 @@ import reference_run as RR  # noqa: E402
 
 
 def test_plan_trains_students_on_one_split_and_distils_from_the_ensemble(tmp_path):
-    steps = RR.plan(REPO / "configs" / "reference_ham10000.yaml", ["data.root=/data"], tmp_path, 96, [1, 2, 3], 3,
+    steps = RR.plan(REPO / "configs" / "reference_ham10000.yaml", ["data.root=/data"], tmp_path, 224, [1, 2, 3], 3,
                     100)
-    assert [s.name for s in steps] == ["teacher", "student_seed1", "student_seed2", "student_seed3", "distill",
-                                       "quantize", "baselines"]
+    assert [s.name for s in steps] == ["teacher", "student_seed1", "student_seed2", "student_seed3",
+                                       "distill_seed1", "distill_seed2", "distill_seed3", "quantize", "baselines"]
     argv = {s.name: " ".join(s.argv) for s in steps}
-    assert "data.image_size=96" in argv["teacher"] and "stages=[teacher]" in argv["teacher"]
+    assert "data.image_size=224" in argv["teacher"] and "stages=[teacher]" in argv["teacher"]
     assert "seed=2" in argv["student_seed2"] and "data.root=/data" in argv["student_seed2"]
     members = f"distill.teacher=[{tmp_path / 'teacher'}, {tmp_path / 'student_seed1'}, " \
               f"{tmp_path / 'student_seed2'}, {tmp_path / 'student_seed3'}]"
-    assert members in argv["distill"]
+    assert members in argv["distill_seed1"] and members in argv["distill_seed3"]
+    assert "seed=3" in argv["distill_seed3"]
     assert "--modes fp32,fp16,int8,qat" in argv["quantize"] and "--qat-epochs 3" in argv["quantize"]
-    assert f"--run {tmp_path / 'distill'}" in argv["baselines"]  # baselines use the distilled run's split
+    assert f"--run {tmp_path / 'distill_seed1'}" in argv["quantize"]
+    assert f"--run {tmp_path / 'distill_seed1'}" in argv["baselines"]  # baselines use the distilled run's split
     # One split for all: the config fixes data.split_seed, so the students' seeds do not move it.
     from melanoma_tf import config as C
 
     cfgs = [C.load(REPO / "configs" / "reference_ham10000.yaml", [f"seed={s}"]) for s in (1, 2)]
     assert cfgs[0].data_seed == cfgs[1].data_seed == 42
+    # Starts from the ImageNet files as published, and scores the external set beside the holdout.
+    assert cfgs[0].student.weights.endswith(".tflite") and cfgs[0].student.bn_reestimate_images > 0
+    assert cfgs[0].teacher.arch == "mobilenet_v2" and [e.name for e in cfgs[0].data.external] == ["isic2017"]
 
 
 def test_dry_run_prints_the_commands():
@@ -42,47 +47,62 @@ def test_dry_run_prints_the_commands():
     assert out.count("melanoma_tf.train") == 3 and "melanoma_tf.quantize" in out
 
 
-def _evaluation(folder, auc, spec, size=1.0, logits=None):
+def _evaluation(folder, auc, spec, size=1.0, logits=None, external=None, val_auc=None):
     folder.mkdir(parents=True)
     metrics = {"roc_auc": auc, "roc_auc_ci": [auc - 0.02, auc + 0.02], "pr_auc": 0.5, "pr_auc_ci": [0.4, 0.6],
                "threshold": 0.3, "sensitivity": 0.95, "specificity": spec, "ppv": 0.2, "npv": 0.99, "f1": 0.3,
-               "ece": 0.1, "brier": 0.1, "params": 1000, "size_mb": size, "latency_ms_median": 1.0,
-               "n_images": 4, "model_name": folder.parent.name}
+               "ece": 0.1, "ece_platt": 0.05, "brier": 0.1, "params": 1000, "size_mb": size,
+               "latency_ms_median": 1.0, "n_images": 4, "model_name": folder.parent.name}
+    if external is not None:
+        metrics["external"] = {"isic2017": {"roc_auc": external, "roc_auc_ci": [external - 0.03, external + 0.03],
+                                            "sensitivity": 0.9, "specificity": 0.4, "ece_platt": 0.08}}
     (folder / "metrics.json").write_text(json.dumps(metrics))
     pd.DataFrame({"image_id": list("abcd"), "label": [0, 1, 0, 1], "probability": [0.1, 0.9, 0.2, 0.8],
                   "logit": logits or [-2.0, 2.0, -1.0, 1.0]}).to_csv(folder / "predictions.csv", index=False)
+    if val_auc is not None:
+        (folder.parent / "metrics.json").write_text(json.dumps({"val_roc_auc": val_auc}))
 
 
 def test_assemble_writes_the_results_folder_and_checks_the_targets(tmp_path):
     out, results = tmp_path / "run", tmp_path / "results"
     # Member logits: each ranks one positive below a negative; their mean ranks all correctly.
-    _evaluation(out / "teacher" / "eval_holdout", 0.85, 0.6, 95.0, logits=[0.0, 3.0, 1.0, 0.5])
-    for seed, auc in ((1, 0.90), (2, 0.91), (3, 0.89)):
-        _evaluation(out / f"student_seed{seed}" / "eval_holdout", auc, 0.65, 4.4, logits=[-1.0, 0.0, 0.5, 2.0])
-    _evaluation(out / "distill" / "eval_holdout", 0.93, 0.72, 4.4)
-    tflite = out / "distill" / "tflite"
-    _evaluation(tflite / "eval_qat", 0.925, 0.71, 1.2)
-    _evaluation(tflite / "eval_int8", 0.92, 0.70, 1.2)
+    _evaluation(out / "teacher" / "eval_holdout", 0.85, 0.6, 95.0, logits=[0.0, 3.0, 1.0, 0.5], external=0.70,
+                val_auc=0.95)
+    for seed, auc, ext in ((1, 0.90, 0.70), (2, 0.91, 0.72), (3, 0.89, 0.71)):
+        _evaluation(out / f"student_seed{seed}" / "eval_holdout", auc, 0.65, 4.4, logits=[-1.0, 0.0, 0.5, 2.0],
+                    external=ext, val_auc=0.92)
+    for seed, auc, ext in ((1, 0.935, 0.74), (2, 0.92, 0.71), (3, 0.90, 0.73)):
+        _evaluation(out / f"distill_seed{seed}" / "eval_holdout", auc, 0.72, 4.4, external=ext)
+    tflite = out / "distill_seed1" / "tflite"
+    _evaluation(tflite / "eval_qat", 0.93, 0.71, 1.2, external=0.76)
+    _evaluation(tflite / "eval_int8", 0.92, 0.70, 1.2, external=0.75)
     (tflite / "qat.tflite").write_bytes(b"TFL3" + bytes(100))
-    (tflite / "qat.json").write_text(json.dumps({"model": "qat.tflite", "threshold": 0.3}))
-    (out / "distill" / "splits.csv").write_text("image_id,lesion_id,label,split\na,l,0,train\n")
-    _evaluation(out / "baselines-1" / "hgb" / "eval_holdout", 0.87, 0.55, 1.5)
-    _evaluation(out / "baselines-1" / "rf" / "eval_holdout", 0.88, 0.56, 8.0)
+    (tflite / "qat.json").write_text(json.dumps({"model": "qat.tflite", "threshold": 0.3,
+                                                 "source_run": "/machine/path/distill_seed1"}))
+    (out / "distill_seed1" / "splits.csv").write_text("image_id,lesion_id,label,split\na,l,0,train\n")
+    _evaluation(out / "baselines-1" / "hgb" / "eval_holdout", 0.87, 0.55, 1.5, external=0.60)
+    _evaluation(out / "baselines-1" / "rf" / "eval_holdout", 0.88, 0.56, 8.0, external=0.62)
     (out / "baselines.done").write_text("baselines-1\n")
     summary = RR.assemble(out, results, [1, 2, 3], {"teacher": 100.0}, "python tools/reference_run.py")
-    met = {t["target"].split(" (")[0]: t for t in summary["targets"]}
-    assert met["QAT int8 holdout ROC-AUC"]["met"] and met["QAT int8 holdout ROC-AUC"]["value"] == 0.925
-    margin = next(t for t in summary["targets"] if "best baseline" in t["target"])
-    assert "baseline rf" in margin["target"] and margin["value"] == pytest.approx(0.045)
-    assert not margin["met"]  # 0.045 < 0.05
-    no_kd = next(t for t in summary["targets"] if "no-KD" in t["target"])
-    assert no_kd["value"] == pytest.approx(0.925 - 0.90) and no_kd["met"]
+    met = {t["target"]: t for t in summary["targets"]}
+    assert met["QAT int8 holdout ROC-AUC"]["met"] and met["QAT int8 holdout ROC-AUC"]["value"] == 0.93
+    ext_margin = next(t for t in summary["targets"] if "best baseline there" in t["target"])
+    assert "baseline rf" in ext_margin["target"] and ext_margin["value"] == pytest.approx(0.14) and ext_margin["met"]
+    assert met["QAT int8 isic2017 ROC-AUC"]["met"]  # 0.76 >= 0.75
+    gap = next(t for t in summary["targets"] if "float-vs-int8" in t["target"])
+    assert gap["value"] == pytest.approx(0.005) and gap["met"]
+    teacher = next(t for t in summary["targets"] if t["target"].startswith("teacher minus"))
+    assert teacher["value"] == pytest.approx(0.03) and teacher["met"]
+    # distilled minus no-KD per seed: holdout +0.035, +0.01, +0.01; isic2017 +0.04, -0.01, +0.02
+    assert summary["kd_gain_mean_std"]["holdout"][0] == pytest.approx(0.055 / 3)
+    assert summary["kd_gain_mean_std"]["isic2017"][0] == pytest.approx(0.05 / 3)
+    assert summary["kd_gain_mean_std"]["isic2017"][1] == pytest.approx(np.std([0.04, -0.01, 0.02], ddof=1))
     # mean logits: a -0.75, b 0.75, c 0.625, d 1.625: both melanomas above both others (members: 0.75 each)
     assert summary["teacher_ensemble_holdout_roc_auc"] == 1.0
-    assert summary["no_kd_roc_auc_std"] == pytest.approx(np.std([0.90, 0.91, 0.89], ddof=1))
     for name in ("report.md", "metrics.json", "student_int8.tflite", "student_int8.json", "splits.csv", "roc.png"):
         assert (results / name).is_file(), name
-    assert json.loads((results / "student_int8.json").read_text())["model"] == "student_int8.tflite"
+    sidecar = json.loads((results / "student_int8.json").read_text())
+    assert sidecar["model"] == "student_int8.tflite" and "/machine" not in sidecar["source_run"]
     text = (results / "report.md").read_text()
-    assert "| NO |" in text and "student no-KD seed 2" in text
+    assert "| yes |" in text and "student no-KD seed 2" in text and "0.760 [0.730, 0.790]" in text
     assert sum(p.stat().st_size for p in results.iterdir()) < 5e6

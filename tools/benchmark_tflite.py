@@ -157,22 +157,40 @@ def benchmark(model_path: Path, threads: int, warmup: int, runs: int, labelled=N
         sidecar_path = model_path.with_suffix(".json")
         if not sidecar_path.is_file():
             raise SystemExit(f"error: scoring needs the threshold from the sidecar {sidecar_path}")
-        threshold = float(json.loads(sidecar_path.read_text())["threshold"])
-        scores, labels = [], []
+        sidecar = json.loads(sidecar_path.read_text())
+        threshold = float(sidecar["threshold"])
+        # The sidecar's validation-fitted calibration, so the probability means what it means everywhere else.
+        calibration = sidecar.get("calibration") or {}
+        a, b = (float(calibration["a"]), float(calibration["b"])) if calibration.get("method") == "platt" else (
+            1.0 / float(sidecar.get("temperature") or 1.0), 0.0)
+        scores, labels, calibrated = [], [], []
         for path, label in labelled:
             image = load_image(path, shape[1])[None]
             interpreter.set_tensor(inp["index"], quantize(image, inp))
             interpreter.invoke()
             logit = float(dequantize(interpreter.get_tensor(out["index"]), out).reshape(-1)[0])
             scores.append(1 / (1 + np.exp(-logit)))
+            calibrated.append(1 / (1 + np.exp(-(a * logit + b))))
             labels.append(label)
         y, s = np.asarray(labels), np.asarray(scores)
         called = s >= threshold
         result.update({"n_images": len(y), "threshold": threshold, "roc_auc": roc_auc(y, s),
+                       "ece_calibrated": expected_calibration_error(y, np.asarray(calibrated)),
+                       "calibration": f"sigmoid({a:.4g} * logit + {b:.4g})",
                        "sensitivity": float(called[y == 1].mean()) if (y == 1).any() else float("nan"),
                        "specificity": float((~called[y == 0]).mean()) if (y == 0).any() else float("nan")})
     result["peak_rss_mb"] = peak_rss_mb()
     return result
+
+
+def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
+    """ECE over equal-mass bins (as melanoma_tf.metrics.ece; this tool runs without the package)."""
+    order = np.argsort(p, kind="stable")
+    total = 0.0
+    for chunk in np.array_split(order, bins):
+        if len(chunk):
+            total += len(chunk) * abs(float(p[chunk].mean()) - float(y[chunk].mean()))
+    return total / len(p)
 
 
 def main(argv=None) -> int:
@@ -194,7 +212,7 @@ def main(argv=None) -> int:
     results = [benchmark(Path(m), args.threads, args.warmup, args.runs, labelled) for m in args.models]
     keys = ["model", "runtime", "size_mb", "input_dtype", "latency_ms_median", "latency_ms_p90", "peak_rss_mb"]
     if labelled:
-        keys += ["roc_auc", "sensitivity", "specificity"]
+        keys += ["roc_auc", "sensitivity", "specificity", "ece_calibrated"]
     print(f"runtime: {results[0]['runtime']} {results[0]['runtime_version']} on {results[0]['machine']}, "
           f"{args.threads} thread(s), {args.runs} runs after {args.warmup} warm-up")
     print(" | ".join(keys))
