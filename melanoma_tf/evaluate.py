@@ -30,6 +30,7 @@ from melanoma_tf import data as datamod
 from melanoma_tf import metrics as M
 from melanoma_tf.config import Config, ConfigError
 from melanoma_tf.files import write_atomic, write_json
+from melanoma_tf.tflite import FlatbufferError
 
 log = logging.getLogger("melanoma_tf.evaluate")
 
@@ -456,7 +457,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         report_path = evaluate(args.run, args.model, args.split, args.images, args.labels, args.out,
                                args.target_sensitivity, args.refer_fraction, args.bootstrap, args.gradcam,
                                args.latency_runs, args.seed)
-    except (EvaluationError, ConfigError, datamod.DataError, M.MetricError, FileNotFoundError) as err:
+    except (EvaluationError, ConfigError, datamod.DataError, M.MetricError, FileNotFoundError,
+            FlatbufferError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"report: {report_path}", flush=True)

@@ -355,6 +355,7 @@ def quantize_run(run_dir: str | Path, modes: tuple[str, ...] = MODES, qat_epochs
             source = student
         blob = convert(source, mode, representative)
         path = folder / f"{mode}.tflite"
+        (folder / f"{mode}.json").unlink(missing_ok=True)  # a sidecar of an earlier conversion no longer matches
         write_atomic(path, blob)
         eval_dir = evaluate(str(stage_dir), str(path), split=split, out=str(folder / f"{prefix}_{mode}"),
                             n_boot=n_boot, gradcam=0, latency_runs=latency_runs).parent

@@ -51,9 +51,7 @@ def verify_flatbuffer(path: str | os.PathLike) -> None:
             n_tensors = graph.TensorsLength()
             for t in range(n_tensors):
                 tensor = graph.Tensors(t)
-                tensor.ShapeAsNumpy()
-                if not 0 <= tensor.Buffer() < max(n_buffers, 1):
-                    raise FlatbufferError(f"{path}: tensor {t} points at buffer {tensor.Buffer()} of {n_buffers}")
+                _check_tensor(path, model, tensor, t, n_buffers, len(data))
             for io in (graph.InputsAsNumpy(), graph.OutputsAsNumpy()):
                 if np.any((np.asarray(io) < 0) | (np.asarray(io) >= n_tensors)):
                     raise FlatbufferError(f"{path}: subgraph {g} names a tensor it does not have")
@@ -78,6 +76,112 @@ def verify_flatbuffer(path: str | os.PathLike) -> None:
     except Exception as err:  # noqa: BLE001 - any read past the end or bad offset means a broken file
         raise FlatbufferError(f"{path}: corrupt or cut-short TFLite flatbuffer ({len(data):,} bytes): "
                               f"{type(err).__name__}: {err}") from None
+
+
+# Bytes per element of each TFLite tensor type (schema TensorType); None: variable or packed (not size-checked).
+_TYPE_BYTES = {0: 4, 1: 2, 2: 4, 3: 1, 4: 8, 5: None, 6: 1, 7: 2, 8: 8, 9: 1, 10: 8, 11: 16, 12: 8, 13: None,
+               14: None, 15: 4, 16: 2, 17: None}
+_MAX_TENSOR_BYTES = 1 << 30  # no tensor of an image classifier comes near 1 GiB; a corrupt shape does
+
+
+def _check_tensor(path: Path, model, tensor, index: int, n_buffers: int, file_size: int) -> None:
+    """One tensor's buffer index, type and shape, and a constant's data size, are consistent."""
+    if not 0 <= tensor.Buffer() < max(n_buffers, 1):
+        raise FlatbufferError(f"{path}: tensor {index} points at buffer {tensor.Buffer()} of {n_buffers}")
+    if tensor.Type() not in _TYPE_BYTES:
+        raise FlatbufferError(f"{path}: tensor {index} has unknown type {tensor.Type()}")
+    shape = np.asarray(tensor.ShapeAsNumpy() if tensor.ShapeLength() else [], dtype=np.int64)
+    if np.any(shape < -1):
+        raise FlatbufferError(f"{path}: tensor {index} has a negative dimension {shape.tolist()}")
+    quantization = tensor.Quantization()
+    if quantization is not None and quantization.ScaleLength():
+        scales = quantization.ScaleAsNumpy().astype(np.float64)
+        if not np.all(np.isfinite(scales) & (scales >= 0) & (scales < 1e6)):
+            raise FlatbufferError(f"{path}: tensor {index} has an impossible quantization scale "
+                                  f"{scales[~(np.isfinite(scales) & (scales >= 0) & (scales < 1e6))][:3].tolist()}")
+    itemsize = _TYPE_BYTES[tensor.Type()]
+    elements = int(np.prod(np.maximum(shape, 1), dtype=np.float64)) if shape.size else 1
+    if itemsize is None:
+        return
+    if elements * itemsize > _MAX_TENSOR_BYTES:
+        raise FlatbufferError(f"{path}: tensor {index} of shape {shape.tolist()} would need "
+                              f"{elements * itemsize:,} bytes")
+    buffer = model.Buffers(tensor.Buffer()) if n_buffers else None
+    if buffer is None:
+        return
+    stored = buffer.Size() if buffer.Offset() > 1 else buffer.DataLength()
+    if stored and stored != elements * itemsize:
+        raise FlatbufferError(f"{path}: constant tensor {index} of shape {shape.tolist()} holds {stored:,} bytes, "
+                              f"not {elements * itemsize:,}")
+
+
+# Opens a flatbuffer, allocates and runs it once on zeros, in a child process with a memory cap: what a
+# corrupt-but-well-formed file does to the C++ runtime (abort, segfault, unbounded allocation) happens there.
+_PROBE = """
+import resource, sys
+import numpy as np
+cap = int(sys.argv[2])
+resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+from ai_edge_litert.interpreter import Interpreter
+interpreter = Interpreter(model_path=sys.argv[1], num_threads=1)
+interpreter.allocate_tensors()
+for detail in interpreter.get_input_details():
+    interpreter.set_tensor(detail["index"], np.zeros(detail["shape"], detail["dtype"]))
+interpreter.invoke()
+"""
+
+
+def probe_in_child(path: str | os.PathLike, memory_bytes: int = 4 << 30, timeout: float = 120.0) -> None:
+    """Runs the model once in a child process; raises FlatbufferError if that process dies or hangs."""
+    import subprocess
+    import sys
+
+    path = Path(path)
+    try:
+        result = subprocess.run([sys.executable, "-c", _PROBE, str(path), str(memory_bytes)], capture_output=True,
+                                text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise FlatbufferError(f"{path}: the TFLite runtime did not finish one inference in {timeout:.0f}s: "
+                              "the file is corrupt") from None
+    if result.returncode < 0 or result.returncode > 1:
+        raise FlatbufferError(f"{path}: the TFLite runtime crashed on it (exit {result.returncode}): the file is "
+                              "corrupt")
+    if result.returncode == 1:
+        last = (result.stderr.strip().splitlines() or ["unknown error"])[-1]
+        raise FlatbufferError(f"{path}: the TFLite runtime cannot run it: {last}")
+
+
+def verify_model_file(path: str | os.PathLike, probe: bool = True) -> Optional[dict]:
+    """Verifies a ``.tflite`` before it is opened: its structure, and its sidecar's size and sha256 if present.
+
+    A file whose sidecar's sha256 vouches for it is what ``quantize`` wrote and
+    checked; any other file is also run once in a child process first
+    (:func:`probe_in_child`, about 0.2 s), since a well-formed flatbuffer can still
+    hold values (a scale, a dropped quantization) that abort the C++ runtime.
+
+    Returns:
+      The sidecar (``X.json`` beside ``X.tflite``), or None.
+
+    Raises:
+      FlatbufferError: the file is broken, or it is not the file its sidecar describes.
+    """
+    import hashlib
+
+    path = Path(path)
+    verify_flatbuffer(path)
+    sidecar = read_sidecar(path)
+    if sidecar:
+        blob = path.read_bytes()
+        size, digest = sidecar.get("size_bytes"), sidecar.get("sha256")
+        if size is not None and int(size) != len(blob):
+            raise FlatbufferError(f"{path}: {len(blob):,} bytes, its sidecar {path.with_suffix('.json').name} says "
+                                  f"{int(size):,}: a partial copy, or the sidecar of another model")
+        if digest and hashlib.sha256(blob).hexdigest() != digest:
+            raise FlatbufferError(f"{path}: sha256 differs from its sidecar {path.with_suffix('.json').name}: "
+                                  "the file was changed, or the sidecar belongs to another model")
+    if probe and not (sidecar and sidecar.get("sha256")):
+        probe_in_child(path)
+    return sidecar
 
 
 def make_interpreter(path: str, threads: int = 1, reference_kernels: bool = False):
@@ -111,11 +215,15 @@ class TFLiteModel:
         if not self.path.is_file():
             raise FileNotFoundError(f"TFLite model not found: {self.path}")
         self.threads = threads
-        verify_flatbuffer(self.path)
+        verify_model_file(self.path)
         self.interpreter = make_interpreter(str(self.path), threads, reference_kernels)
         self.interpreter.allocate_tensors()
-        self._input = self.interpreter.get_input_details()[0]
-        self._output = self.interpreter.get_output_details()[0]
+        inputs, outputs = self.interpreter.get_input_details(), self.interpreter.get_output_details()
+        shape = tuple(inputs[0]["shape"]) if inputs else ()
+        if len(inputs) != 1 or len(shape) != 4 or shape[-1] != 3 or len(outputs) != 1:
+            raise FlatbufferError(f"{self.path}: expected one image input (1, H, W, 3) and one output, got inputs "
+                                  f"{[tuple(i['shape']) for i in inputs]} and {len(outputs)} output(s)")
+        self._input, self._output = inputs[0], outputs[0]
         self._batch = 1
 
     @property
@@ -175,6 +283,9 @@ def read_sidecar(model_path: str | os.PathLike) -> Optional[dict]:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: invalid sidecar JSON: {err}") from None
+        sidecar = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise FlatbufferError(f"{path}: invalid sidecar JSON: {err}") from None
+    if not isinstance(sidecar, dict):
+        raise FlatbufferError(f"{path}: the sidecar must be a JSON object, got {type(sidecar).__name__}")
+    return sidecar

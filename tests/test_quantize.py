@@ -136,6 +136,9 @@ def test_c_array_round_trip_and_tflm_parity(trained_run, ptq_folder, tmp_path):
     scale = float(header.split("kInputScale = ")[1].split("f;")[0])
     assert scale == pytest.approx(sidecar["input_scale"]) and "e" in header.split("kInputScale = ")[1].split(";")[0]
     assert "alignas(16)" in (tmp_path / "gen" / "model_data.cc").read_text()
+    cal_a = float(header.split("kCalibrationA = ")[1].split("f;")[0])
+    cal_b = float(header.split("kCalibrationB = ")[1].split("f;")[0])
+    assert (cal_a, cal_b) == pytest.approx((sidecar["calibration"]["a"], sidecar["calibration"]["b"]), rel=1e-6)
 
     # TFLite-Micro (the real interpreter, from the tflite-micro wheel) vs TFLite on the same int8 inputs
     from tflite_micro.python.tflite_micro import runtime

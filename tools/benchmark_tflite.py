@@ -122,10 +122,41 @@ def read_labels(images: Path, labels: Path) -> list[tuple[Path, int]]:
     return rows
 
 
+def check_model_file(model_path: Path) -> None:
+    """Refuses a damaged copy before the runtime opens it (a cut-short file crashed it or ate the Pi's memory).
+
+    With melanoma_tf installed: its full check (structure, sidecar, a probe run in a child process). On a bare
+    Pi: the sidecar's size and sha256, which catch any damaged copy of a model that ``quantize`` wrote.
+    """
+    import hashlib
+
+    try:
+        from melanoma_tf.tflite import FlatbufferError, verify_model_file
+    except ImportError:
+        sidecar_path = model_path.with_suffix(".json")
+        blob = model_path.read_bytes()
+        if len(blob) < 8 or blob[4:8] != b"TFL3":
+            raise SystemExit(f"error: {model_path} is not a TFLite flatbuffer (no TFL3 identifier)") from None
+        if not sidecar_path.is_file():
+            raise SystemExit(f"error: {model_path}: copy its sidecar {sidecar_path.name} beside it, which lets this "
+                             "tool check the file is complete before running it") from None
+        sidecar = json.loads(sidecar_path.read_text())
+        if sidecar.get("size_bytes") not in (None, len(blob)) or (
+                sidecar.get("sha256") and hashlib.sha256(blob).hexdigest() != sidecar["sha256"]):
+            raise SystemExit(f"error: {model_path}: {len(blob):,} bytes / sha256 do not match its sidecar "
+                             f"{sidecar_path.name}: a partial or damaged copy") from None
+        return
+    try:
+        verify_model_file(model_path)
+    except FlatbufferError as err:
+        raise SystemExit(f"error: {err}") from None
+
+
 def benchmark(model_path: Path, threads: int, warmup: int, runs: int, labelled=None) -> dict:
     interpreter_cls, runtime, version = load_runtime()
     if not model_path.is_file():
         raise SystemExit(f"error: model file not found: {model_path}")
+    check_model_file(model_path)
     try:
         interpreter = interpreter_cls(model_path=str(model_path), num_threads=threads)
         interpreter.allocate_tensors()

@@ -76,7 +76,12 @@ def generate(model_path: Path, out_dir: Path, image: Path | None = None) -> list
     sidecar_path = model_path.with_suffix(".json")
     if not sidecar_path.is_file():
         raise SystemExit(f"error: sidecar {sidecar_path} not found (written by melanoma_tf.quantize)")
-    sidecar = json.loads(sidecar_path.read_text())
+    from melanoma_tf.tflite import FlatbufferError, verify_model_file
+
+    try:  # structure, and the sidecar's size and sha256: a damaged copy must not reach a board
+        sidecar = verify_model_file(model_path)
+    except FlatbufferError as err:
+        raise SystemExit(f"error: {err}") from None
     if sidecar.get("input_dtype") != "int8" or sidecar.get("output_dtype") != "int8":
         raise SystemExit(f"error: {model_path} must have int8 input and output for the edge harness "
                          f"(got {sidecar.get('input_dtype')} -> {sidecar.get('output_dtype')}); use int8 or qat")
@@ -89,6 +94,10 @@ def generate(model_path: Path, out_dir: Path, image: Path | None = None) -> list
     threshold_logit = float(sidecar["threshold_logit"])
     margin = float(sidecar.get("refer_margin_logit") or 0.0)
     temperature = float(sidecar.get("temperature") or 1.0)
+    # The sidecar's validation-fitted calibration, so the board reports the probability every other runtime does.
+    calibration = sidecar.get("calibration") or {}
+    cal_a, cal_b = ((float(calibration["a"]), float(calibration["b"])) if calibration.get("method") == "platt"
+                    else (1.0 / temperature, 0.0))
     # The responder compares raw int8 scores: map logit thresholds to the output's integer scale.
     threshold_q = int(math.ceil(threshold_logit / out_scale + out_zero))
     margin_q = int(round(margin * temperature / out_scale))
@@ -117,6 +126,10 @@ constexpr int kOutputZeroPoint = {out_zero};
 constexpr int kThresholdQ = {threshold_q};
 // Referral band: |score - kThresholdQ| < kReferMarginQ -> refer to a dermatologist.
 constexpr int kReferMarginQ = {margin_q};
+// Calibrated probability of melanoma = 1 / (1 + exp(-(kCalibrationA * logit + kCalibrationB))),
+// fitted on validation ({calibration.get('method', 'temperature')}), as in the sidecar.
+constexpr float kCalibrationA = {c_float(cal_a)};
+constexpr float kCalibrationB = {c_float(cal_b)};
 // Tensor arena measured with the TFLite-Micro interpreter: {arena} bytes (+10% headroom).
 constexpr int kTensorArenaSize = {arena_with_headroom};
 constexpr int kNumOps = {len(ops)};

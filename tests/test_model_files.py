@@ -1,0 +1,113 @@
+"""Bad model files give one clear error naming the file: never a crash, a hang or a raw traceback."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+from melanoma_tf import evaluate as E
+from melanoma_tf.tflite import FlatbufferError, TFLiteModel, verify_flatbuffer, verify_model_file
+
+
+@pytest.fixture(scope="module")
+def int8_model(tmp_path_factory):
+    """A tiny int8 flatbuffer with the student's input/output contract, and a sidecar vouching for it."""
+    from melanoma_tf.backend import keras, tf
+
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same")(keras.layers.Rescaling(1 / 127.5, offset=-1)(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(1)(keras.layers.GlobalAveragePooling2D()(x)))
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    images = np.random.default_rng(0).uniform(0, 255, (8, 16, 16, 3)).astype(np.float32)
+    converter.representative_dataset = lambda: ([image[None]] for image in images)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.inference_input_type = converter.inference_output_type = tf.int8
+    folder = tmp_path_factory.mktemp("model")
+    path = folder / "m.tflite"
+    blob = converter.convert()
+    path.write_bytes(blob)
+    path.with_suffix(".json").write_text(json.dumps({"model": "m.tflite", "size_bytes": len(blob),
+                                                     "sha256": hashlib.sha256(blob).hexdigest(), "threshold": 0.5,
+                                                     "input_size": 16, "labels": "binary"}))
+    return path
+
+
+def test_cut_short_file_is_a_clear_error_naming_it(int8_model, tmp_path):
+    blob = int8_model.read_bytes()
+    cut = tmp_path / "cut.tflite"
+    cut.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(FlatbufferError, match=r"cut.tflite: corrupt or cut-short TFLite flatbuffer \(1,"):
+        verify_flatbuffer(cut)
+    (tmp_path / "text.tflite").write_text("hello, I am not a model")
+    with pytest.raises(FlatbufferError, match="text.tflite: not a TFLite flatbuffer"):
+        TFLiteModel(tmp_path / "text.tflite")
+
+
+def test_sidecar_that_does_not_match_its_model(int8_model, tmp_path):
+    blob = bytearray(int8_model.read_bytes())
+    sidecar = json.loads(int8_model.with_suffix(".json").read_text())
+    target = tmp_path / "m.tflite"
+    # What an interrupted copy leaves, with the right sidecar beside it: caught by the size.
+    target.write_bytes(bytes(blob[:-16]))
+    target.with_suffix(".json").write_text(json.dumps(sidecar))
+    with pytest.raises(FlatbufferError, match=r"bytes, its sidecar m.json says|corrupt or cut-short"):
+        verify_model_file(target)
+    # One weight byte changed: well-formed, runs, but not the model the sidecar describes.
+    offset = len(blob) // 3
+    blob[offset] ^= 0x10
+    target.write_bytes(bytes(blob))
+    with pytest.raises(FlatbufferError, match="sha256 differs from its sidecar m.json"):
+        verify_model_file(target)
+    target.with_suffix(".json").write_text("{not json")
+    with pytest.raises(FlatbufferError, match="m.json: invalid sidecar JSON"):
+        verify_model_file(target)
+
+
+def test_model_whose_input_is_not_one_image(tmp_path):
+    from melanoma_tf.backend import keras, tf
+
+    inputs = keras.Input((10,))
+    model = keras.Model(inputs, keras.layers.Dense(1)(inputs))
+    path = tmp_path / "tabular.tflite"
+    path.write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
+    with pytest.raises(FlatbufferError, match=r"tabular.tflite: expected one image input \(1, H, W, 3\)"):
+        TFLiteModel(path)
+
+
+def test_evaluate_command_reports_a_bad_model_in_one_line(int8_model, tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    from PIL import Image
+
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(images / "a.jpg")
+    (tmp_path / "labels.csv").write_text("image_id,label\na,1\n")
+    cut = tmp_path / "cut.tflite"
+    cut.write_bytes(int8_model.read_bytes()[:1000])
+    cut.with_suffix(".json").write_text(int8_model.with_suffix(".json").read_text())
+    code = E.main(["--model", str(cut), "--images", str(images), "--labels", str(tmp_path / "labels.csv")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and "cut.tflite" in err[0]
+    assert "Traceback" not in "\n".join(err)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("with_sidecar", [False, True])
+def test_fuzz_damaged_flatbuffers_never_crash(int8_model, tmp_path, with_sidecar):
+    """Cuts at 40 offsets and 80 single-bit flips; a crash would kill the child process (exit < 0 or 134)."""
+    argv = [sys.executable, str(REPO / "tests" / "fuzz_tflite.py"), str(int8_model), str(tmp_path), "40", "80", "7"]
+    result = subprocess.run(argv + (["--sidecar"] if with_sidecar else []), capture_output=True, text=True,
+                            timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    counts = result.stdout.split()
+    errors, ok = int(counts[1]), int(counts[3])
+    assert errors + ok == 40 + 80
+    assert errors >= 40  # every cut is an error (the last offset still drops a byte)
+    if with_sidecar:
+        assert ok == 0  # its sidecar's size and sha256 catch every damaged copy
