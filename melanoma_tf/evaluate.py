@@ -337,7 +337,7 @@ def evaluate(run_dir: Optional[str] = None, model_path: Optional[str] = None, sp
         names = list(datamod.DX_CLASSES) if label_mode == "multiclass" else ["not melanoma", "melanoma"]
         result["relation"], figures["relation_matrix"] = relation_analysis(
             model.keras_model, test_images, test["label"].to_numpy(), names, out_dir / "relation_matrix.png", seed)
-    if external and cfg is not None and images is None and split == "holdout":
+    if external and cfg is not None and images is None:  # beside the holdout, or the validation split of a sweep
         result["external"] = {}
         for ext in cfg.data.external:
             result["external"][ext.name] = _score_external_set(

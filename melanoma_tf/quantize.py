@@ -420,7 +420,9 @@ def _row(mode: str, path: Path, eval_dir: Path, sidecar: Optional[dict] = None) 
             "gzip_mb": len(gzip.compress(blob, 9)) / 1e6, "roc_auc": m["roc_auc"], "threshold": m["threshold"],
             "sensitivity": m["sensitivity"], "specificity": m["specificity"],
             "latency_ms_median": m["latency_ms_median"], "input_dtype": (sidecar or {}).get("input_dtype", "float32"),
-            "tflm_arena_kb": arena / 1024 if arena else None}
+            "tflm_arena_kb": arena / 1024 if arena else None,
+            **{f"ext_{name}_roc_auc": e.get("roc_auc") for name, e in (m.get("external") or {}).items()
+               if "skipped" not in e}}
 
 
 def _table_markdown(table: pd.DataFrame, split: str = "holdout") -> str:

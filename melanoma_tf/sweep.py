@@ -123,6 +123,8 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> SweepSpec:
                      output=str(raw.get("output", "runs/sweeps")), metric=raw.get("metric", "val_roc_auc"),
                      backend=raw.get("backend", "local"), extra=list(overrides), quantize=quantize,
                      ray=dict(ray_settings))
+    if spec.metric not in SCORES:  # never an external set's score: ranking on it would make it a tuning set
+        raise ConfigError(f"{path}: metric: {spec.metric!r} is not one of the validation scores {list(SCORES)}")
     if spec.search not in ("grid", "random"):
         raise ConfigError(f"{path}: search: {spec.search!r} is not grid or random")
     if spec.search == "random" and not spec.trials:
@@ -197,14 +199,19 @@ def run_one(spec: SweepSpec, trial: dict[str, str], fold: int, root: Path, cwd: 
     base = {"trial": trial_id(trial), **trial, "fold": fold, **{k: metrics.get(k) for k in
             (*SCORES, "params", "epochs_run", "seconds_per_epoch_median")}}
     keras_row = scored["keras fp32"]
-    rows = [{**base, "size_mb": keras_row["size_mb"], "latency_ms": keras_row["latency_ms_median"]}]
+
+    def external(row: dict) -> dict:  # reported beside validation, never used to rank trials
+        return {k: v for k, v in row.items() if k.startswith("ext_")}
+
+    rows = [{**base, "size_mb": keras_row["size_mb"], "latency_ms": keras_row["latency_ms_median"],
+             **external(keras_row)}]
     if spec.quantize:
         rows[0]["quantization"] = "keras"
         for mode in spec.quantize:
             r = scored[mode]
             rows.append({**{k: v for k, v in base.items() if k not in SCORES}, "quantization": mode,
                          "val_roc_auc": r["roc_auc"], "val_spec_at_sens95": r["specificity"],
-                         "size_mb": r["size_mb"], "latency_ms": r["latency_ms_median"]})
+                         "size_mb": r["size_mb"], "latency_ms": r["latency_ms_median"], **external(r)})
     return rows
 
 
@@ -243,7 +250,9 @@ def summarise(rows: pd.DataFrame, spec: SweepSpec) -> pd.DataFrame:
 
 
 def _scores(rows: pd.DataFrame) -> list[str]:
-    return [c for c in SCORES if c in rows and rows[c].notna().any()]
+    """Validation scores, then the external sets' ROC-AUC (``ext_<name>_roc_auc``), which are only reported."""
+    external = sorted(c for c in rows.columns if c.startswith("ext_") and rows[c].notna().any())
+    return [c for c in SCORES if c in rows and rows[c].notna().any()] + external
 
 
 def pareto_front(sizes: np.ndarray, scores: np.ndarray) -> np.ndarray:

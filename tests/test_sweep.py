@@ -16,11 +16,15 @@ def write_sweep(tmp_path, synthetic_root, **extra):
     spec = {
         "base": str(REPO / "configs" / "student_mobilenetv3.yaml"),
         "set": [f"data.root={synthetic_root}", "data.image_size=32", "student.minimalistic=true",
-                "student.alpha=0.75", "train.epochs=1", "train.verbose=0", "data.augment.rotation=0.0"],
+                "student.alpha=0.75", "train.epochs=1", "train.verbose=0", "data.augment.rotation=0.0",
+                "data.external=[]"],
         "axes": {"student.pooling": ["avg", "max"],
                  "loss": {"bce": {"loss.name": "bce"}, "focal_2": {"loss.name": "focal", "loss.gamma": 2.0}}},
         "search": "grid", "folds": 2, "workers": 2, "output": str(tmp_path / "sweeps"),
     }
+    external = extra.pop("external", None)
+    if external:
+        spec["set"][-1] = f"data.external=[{{name: clinic, images: {external[0]}, labels: {external[1]}}}]"
     spec.update(extra)
     path = tmp_path / "sweep_tiny.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -93,8 +97,12 @@ def test_local_sweep_runs_resumes_and_summarises(tmp_path, synthetic_root):
 
 @pytest.mark.slow
 def test_quantization_axis_scores_each_mode_on_validation(tmp_path, synthetic_root):
+    meta = pd.read_csv(synthetic_root / "HAM10000_metadata.csv").head(40)  # a stand-in external set
+    labels = tmp_path / "clinic.csv"
+    meta.assign(label=(meta["dx"] == "mel").astype(int))[["image_id", "label"]].to_csv(labels, index=False)
     spec = S.load_sweep(write_sweep(tmp_path, synthetic_root, axes={"student.pooling": ["avg"]}, folds=0,
-                                    workers=1, quantize=["fp16", "int8"]))
+                                    workers=1, quantize=["fp16", "int8"],
+                                    external=(synthetic_root / "images", labels)))
     root = S.run_sweep(spec)
     folds = pd.read_csv(root / "folds.csv")
     assert folds["quantization"].tolist() == ["keras", "fp16", "int8"]
@@ -106,6 +114,13 @@ def test_quantization_axis_scores_each_mode_on_validation(tmp_path, synthetic_ro
     int8 = json.loads((stage / "eval_val_int8" / "metrics.json").read_text())
     assert folds.loc[folds["quantization"] == "int8", "val_roc_auc"].item() == pytest.approx(int8["roc_auc"])
     assert len(pd.read_csv(root / "results.csv")) == 3
+    # The external set's ROC-AUC is a column of every row (reported, never the ranking metric).
+    assert folds["ext_clinic_roc_auc"].notna().all()
+    assert folds.loc[folds["quantization"] == "int8", "ext_clinic_roc_auc"].item() == pytest.approx(
+        int8["external"]["clinic"]["roc_auc"])
+    assert "ext_clinic_roc_auc" in (root / "results.md").read_text()
+    with pytest.raises(ConfigError, match="metric: 'ext_clinic_roc_auc' is not one of the validation scores"):
+        S.load_sweep(write_sweep(tmp_path, synthetic_root, metric="ext_clinic_roc_auc"))
 
 
 @pytest.mark.slow
