@@ -130,4 +130,8 @@ def model_cost(model_path: str | os.PathLike, keras_model: Optional[keras.Model]
         result["params"] = count_params(source)
         result["flops"] = count_macs(source)
         result["input_size"] = int(source.input_shape[1])
+    elif path.suffix == ".tflite":  # no Keras model at hand: count from the flatbuffer itself
+        from melanoma_tf.tflite import flatbuffer_counts
+
+        result.update(flatbuffer_counts(path))
     return result

@@ -184,6 +184,53 @@ def verify_model_file(path: str | os.PathLike, probe: bool = True) -> Optional[d
     return sidecar
 
 
+# Builtin operator codes (TFLite schema BuiltinOperator) whose weights and multiply-adds are counted.
+_CONV_2D, _DEPTHWISE_CONV_2D, _FULLY_CONNECTED = 3, 4, 9
+
+
+def flatbuffer_counts(path: str | os.PathLike) -> dict:
+    """Parameters and multiply-adds per image of a ``.tflite``, read from its flatbuffer.
+
+    Counted as :func:`melanoma_tf.cost.count_macs` counts a Keras model: every
+    CONV_2D (H_out * W_out * k_h * k_w * C_in * C_out), DEPTHWISE_CONV_2D
+    (H_out * W_out * k_h * k_w * C_out) and FULLY_CONNECTED (inputs * units)
+    op. Parameters are the elements of those ops' weight and bias tensors
+    (BatchNorm is folded into them, so a Keras model with N BatchNorm channels
+    counts 3 N more: gamma, moving mean and variance).
+
+    Returns:
+      ``{"params": ..., "flops": ...}`` (``flops``: multiply-adds, as in the reports).
+    """
+    from ai_edge_litert import schema_py_generated as schema
+
+    data = Path(path).read_bytes()
+    model = schema.Model.GetRootAs(data, 0)
+    graph = model.Subgraphs(0)
+
+    def shape(index: int) -> list[int]:
+        tensor = graph.Tensors(index)
+        return [int(d) for d in tensor.ShapeAsNumpy()] if tensor.ShapeLength() else []
+
+    params = macs = 0
+    for o in range(graph.OperatorsLength()):
+        op = graph.Operators(o)
+        code = model.OperatorCodes(op.OpcodeIndex())
+        builtin = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())
+        if builtin not in (_CONV_2D, _DEPTHWISE_CONV_2D, _FULLY_CONNECTED):
+            continue
+        inputs = [int(i) for i in op.InputsAsNumpy()]
+        weights, out = shape(inputs[1]), shape(int(op.OutputsAsNumpy()[0]))
+        params += int(np.prod(weights)) + (int(np.prod(shape(inputs[2]))) if len(inputs) > 2 and inputs[2] >= 0
+                                           else 0)
+        if builtin == _CONV_2D:  # weights [C_out, k_h, k_w, C_in]
+            macs += int(np.prod(out[1:3])) * int(np.prod(weights))
+        elif builtin == _DEPTHWISE_CONV_2D:  # weights [1, k_h, k_w, C_out]
+            macs += int(np.prod(out[1:3])) * int(np.prod(weights))
+        else:  # weights [units, inputs]; one position per row of the output
+            macs += int(np.prod(out[1:-1] or [1])) * int(np.prod(weights))
+    return {"params": int(params), "flops": int(macs)}
+
+
 def make_interpreter(path: str, threads: int = 1, reference_kernels: bool = False):
     """A LiteRT interpreter (ai-edge-litert), falling back to TensorFlow's.
 

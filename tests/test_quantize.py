@@ -89,6 +89,25 @@ def test_sidecar_contract(trained_run, ptq_folder):
 
 
 @pytest.mark.slow
+def test_flatbuffer_params_and_macs_equal_the_keras_counts(trained_run, ptq_folder):
+    from melanoma_tf import cost, models
+    from melanoma_tf.backend import keras
+    from melanoma_tf.tflite import flatbuffer_counts
+
+    student = models.load_model(trained_run / "model.keras")
+    folded = sum(layer.gamma.shape[0] for layer in student.layers
+                 if isinstance(layer, keras.layers.BatchNormalization))
+    for mode in ("fp32", "int8"):
+        counts = flatbuffer_counts(ptq_folder / f"{mode}.tflite")
+        assert counts["flops"] == cost.count_macs(student)
+        # BatchNorm folds into the convolutions: gamma, moving mean and variance disappear, beta becomes a bias.
+        assert counts["params"] == cost.count_params(student) - 3 * folded
+    # A .tflite scored without its run reports them too (not "n/a").
+    result = cost.model_cost(ptq_folder / "int8.tflite", runs=2, warmup=1)
+    assert result["flops"] == cost.count_macs(student) and result["params"] > 0
+
+
+@pytest.mark.slow
 def test_qat_on_real_mobilenet_v3_small(trained_run, ptq_folder, tmp_path):
     folder = Q.quantize_run(trained_run, ("qat",), qat_epochs=2, n_boot=50, latency_runs=50, n_representative=100)
     table = pd.read_csv(folder / "comparison.csv").set_index("mode")
