@@ -220,3 +220,11 @@ def test_benchmark_tool(trained_run, ptq_folder, tmp_path):
     junk.write_bytes(b"junk")
     invalid = subprocess.run([sys.executable, str(tool), str(junk)], capture_output=True, text=True)
     assert invalid.returncode != 0 and "not a valid TFLite model" in invalid.stderr
+    # What an interrupted scp leaves, with the sidecar beside it: refused by size, before the runtime sees it.
+    cut = tmp_path / "cut.tflite"
+    cut.write_bytes((ptq_folder / "int8.tflite").read_bytes()[:50_000])
+    cut.with_suffix(".json").write_text((ptq_folder / "int8.json").read_text())
+    refused = subprocess.run([sys.executable, str(tool), str(cut), "--runs", "2"], capture_output=True, text=True)
+    assert refused.returncode == 1 and "cut.tflite" in refused.stderr and "partial or damaged copy" in refused.stderr
+    # The sidecar's calibration is applied: its calibrated ECE is reported.
+    assert 0 <= rows[0]["ece_calibrated"] <= 1 and rows[0]["calibration"].startswith("sigmoid(")

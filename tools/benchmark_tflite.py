@@ -122,34 +122,54 @@ def read_labels(images: Path, labels: Path) -> list[tuple[Path, int]]:
     return rows
 
 
+_PROBE = """
+import resource, sys
+import numpy as np
+resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+try:
+    from ai_edge_litert.interpreter import Interpreter
+except ImportError:
+    from tflite_runtime.interpreter import Interpreter
+interpreter = Interpreter(model_path=sys.argv[1])
+interpreter.allocate_tensors()
+for d in interpreter.get_input_details():
+    interpreter.set_tensor(d["index"], np.zeros(d["shape"], d["dtype"]))
+interpreter.invoke()
+"""
+
+
 def check_model_file(model_path: Path) -> None:
     """Refuses a damaged copy before the runtime opens it (a cut-short file crashed it or ate the Pi's memory).
 
-    With melanoma_tf installed: its full check (structure, sidecar, a probe run in a child process). On a bare
-    Pi: the sidecar's size and sha256, which catch any damaged copy of a model that ``quantize`` wrote.
+    A sidecar beside the model vouches for it by size and sha256, which catch any damaged copy of a model
+    that ``quantize`` wrote; without one, the model is run once in a child process with a memory cap first.
     """
     import hashlib
+    import subprocess
+    import sys
 
-    try:
-        from melanoma_tf.tflite import FlatbufferError, verify_model_file
-    except ImportError:
-        sidecar_path = model_path.with_suffix(".json")
-        blob = model_path.read_bytes()
-        if len(blob) < 8 or blob[4:8] != b"TFL3":
-            raise SystemExit(f"error: {model_path} is not a TFLite flatbuffer (no TFL3 identifier)") from None
-        if not sidecar_path.is_file():
-            raise SystemExit(f"error: {model_path}: copy its sidecar {sidecar_path.name} beside it, which lets this "
-                             "tool check the file is complete before running it") from None
-        sidecar = json.loads(sidecar_path.read_text())
+    blob = model_path.read_bytes()
+    if len(blob) < 8 or blob[4:8] != b"TFL3":
+        raise SystemExit(f"error: {model_path} is not a valid TFLite model (no TFL3 identifier)")
+    sidecar_path = model_path.with_suffix(".json")
+    if sidecar_path.is_file():
+        try:
+            sidecar = json.loads(sidecar_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise SystemExit(f"error: {sidecar_path}: invalid sidecar JSON: {err}") from None
         if sidecar.get("size_bytes") not in (None, len(blob)) or (
                 sidecar.get("sha256") and hashlib.sha256(blob).hexdigest() != sidecar["sha256"]):
             raise SystemExit(f"error: {model_path}: {len(blob):,} bytes / sha256 do not match its sidecar "
-                             f"{sidecar_path.name}: a partial or damaged copy") from None
-        return
+                             f"{sidecar_path.name}: a partial or damaged copy")
+        if sidecar.get("sha256"):
+            return
     try:
-        verify_model_file(model_path)
-    except FlatbufferError as err:
-        raise SystemExit(f"error: {err}") from None
+        probe = subprocess.run([sys.executable, "-c", _PROBE, str(model_path)], capture_output=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        raise SystemExit(f"error: {model_path}: one inference did not finish in 120 s: a corrupt file") from None
+    if probe.returncode != 0:
+        raise SystemExit(f"error: {model_path}: the TFLite runtime cannot run it (exit {probe.returncode}): "
+                         "a corrupt file")
 
 
 def benchmark(model_path: Path, threads: int, warmup: int, runs: int, labelled=None) -> dict:
@@ -215,7 +235,7 @@ def benchmark(model_path: Path, threads: int, warmup: int, runs: int, labelled=N
 
 
 def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
-    """ECE over equal-mass bins (as melanoma_tf.metrics.ece; this tool runs without the package)."""
+    """ECE over equal-mass bins, as the package computes it (this tool runs without the package)."""
     order = np.argsort(p, kind="stable")
     total = 0.0
     for chunk in np.array_split(order, bins):
