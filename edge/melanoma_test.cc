@@ -21,7 +21,7 @@ TF_LITE_MICRO_TESTS_BEGIN
 
 TF_LITE_MICRO_TEST(MelanomaModelMatchesPython) {
   const tflite::Model* model = tflite::GetModel(g_model_data);
-  TF_LITE_MICRO_EXPECT_EQ(model->version(), TFLITE_SCHEMA_VERSION);
+  TF_LITE_MICRO_EXPECT_EQ(model->version(), static_cast<uint32_t>(TFLITE_SCHEMA_VERSION));
   tflite::MicroMutableOpResolver<kNumOps> resolver;
   TF_LITE_MICRO_EXPECT_EQ(RegisterModelOps(resolver), kTfLiteOk);
   tflite::MicroInterpreter interpreter(model, resolver, tensor_arena, kTensorArenaSize);
