@@ -60,7 +60,12 @@ def test_sidecar_that_does_not_match_its_model(int8_model, tmp_path):
     with pytest.raises(FlatbufferError, match=r"bytes, its sidecar m.json says|corrupt or cut-short"):
         verify_model_file(target)
     # One weight byte changed: well-formed, runs, but not the model the sidecar describes.
-    offset = len(blob) // 3
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.Model.GetRootAs(bytes(blob), 0)
+    weights = max((bytes(model.Buffers(b).DataAsNumpy()) for b in range(model.BuffersLength())
+                   if model.Buffers(b).DataLength()), key=len)
+    offset = bytes(blob).find(weights) + 1
     blob[offset] ^= 0x10
     target.write_bytes(bytes(blob))
     with pytest.raises(FlatbufferError, match="sha256 differs from its sidecar m.json"):
