@@ -237,14 +237,15 @@ def evaluate(run_dir: Optional[str] = None, model_path: Optional[str] = None, sp
              images: Optional[str] = None, labels: Optional[str] = None, out: Optional[str] = None,
              target_sensitivity: float = 0.95, refer_fraction: float = 0.1, n_boot: int = 1000,
              gradcam: int = 4, latency_runs: int = 50, seed: int = 0, relation: bool = True,
-             external: bool = True) -> Path:
+             external: bool = True, melanoma_labels: bool = False) -> Path:
     """Scores a model and writes predictions, metrics, plots and report.md; returns report.md's path.
 
     ``relation``: for a Keras model, also the feature-relation analysis (Rd and
     the relation matrix plot). ``external``: when scoring a run's holdout, also
     score the run's external test sets (``data.external``) with the same
     validation-chosen threshold, each in ``<out>/external/<name>/``, and put them
-    beside the holdout in the report.
+    beside the holdout in the report. ``melanoma_labels``: the ``--labels`` CSV says
+    melanoma (1) or not (0) even for a multiclass model (external sets are labelled so).
     """
     from melanoma_tf import cost, plots, report
     from melanoma_tf.tflite import read_sidecar
@@ -266,7 +267,8 @@ def evaluate(run_dir: Optional[str] = None, model_path: Optional[str] = None, sp
         f"eval_{tag}" if model_file.name == "model.keras" else f"eval_{tag}_{model_file.stem}")
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    test = external_frame(images, labels, label_mode) if images else split_frame(cfg, stage_dir, split)
+    test_mode = "binary" if melanoma_labels else label_mode
+    test = external_frame(images, labels, test_mode) if images else split_frame(cfg, stage_dir, split)
     test_images = load_images(test["path"].tolist(), model.input_size)  # decoded once, used twice
     test_logits = model.logits(test_images)
     val = val_logits = None
@@ -281,7 +283,7 @@ def evaluate(run_dir: Optional[str] = None, model_path: Optional[str] = None, sp
                  "platt": (calibration["a"], calibration["b"]) if calibration.get("method") == "platt" else None}
     test_z = melanoma_logit(test_logits, label_mode)
     test_y = (test["label"].to_numpy() == datamod.DX_CLASSES.index("mel")).astype(int) \
-        if label_mode == "multiclass" else test["label"].to_numpy()
+        if test_mode == "multiclass" else test["label"].to_numpy()
     val_z = melanoma_logit(val_logits, label_mode) if val is not None else None
     val_y = None
     if val is not None:
@@ -293,7 +295,7 @@ def evaluate(run_dir: Optional[str] = None, model_path: Optional[str] = None, sp
     result["threshold_source"] = ("sidecar" if fixed else
                                   "validation (same data as reported: optimistic)" if tag == "val"
                                   else "validation")
-    if label_mode == "multiclass":
+    if test_mode == "multiclass":
         result["multiclass"] = M.multiclass_report(test["label"].to_numpy(), M.softmax(test_logits),
                                                    list(datamod.DX_CLASSES))
     reference = None
@@ -369,7 +371,7 @@ def _score_external_set(ext, out_dir: Path, **kwargs) -> dict:
         return {"skipped": f"not found: {', '.join(Path(m).name for m in missing)}"}
     log.info("scoring external set %s (%s)", ext.name, images)
     evaluate(images=str(images), labels=str(labels), out=str(out_dir), gradcam=0, latency_runs=5,
-             relation=False, external=False, **kwargs)
+             relation=False, external=False, melanoma_labels=True, **kwargs)
     metrics = json.loads((out_dir / "metrics.json").read_text())
     return {"folder": f"external/{ext.name}", **{k: metrics.get(k) for k in EXTERNAL_KEYS}}
 

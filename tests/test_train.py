@@ -229,6 +229,15 @@ def test_multiclass_run_and_evaluation(synthetic_root, tmp_path):
     holdout = pd.read_csv(run_dir / "splits.csv").query("split == 'holdout'")
     assert sum(map(sum, mc["confusion_matrix"])) == len(holdout)
     assert result["n_melanoma"] == int((holdout["label"] == 4).sum())  # melanoma vs rest from P(mel)
+    # An external set is labelled melanoma 1 / other 0 even for a multiclass model (ISIC 2017 is).
+    labels = tmp_path / "external.csv"
+    holdout.assign(label=(holdout["label"] == 4).astype(int))[["image_id", "label"]].to_csv(labels, index=False)
+    external = E.evaluate(str(run_dir), images=str(synthetic_root / "images"), labels=str(labels), n_boot=10,
+                          gradcam=0, latency_runs=2, relation=False, melanoma_labels=True,
+                          out=str(tmp_path / "ext"))
+    ext = json.loads((external.parent / "metrics.json").read_text())
+    assert ext["n_melanoma"] == int((holdout["label"] == 4).sum()) and ext["roc_auc"] == pytest.approx(
+        result["roc_auc"], abs=1e-6)  # the same images, the same P(mel)
 
 
 def test_early_stopping_on_validation_auc(tmp_path):
