@@ -21,6 +21,8 @@ def _unit(x):
 
 
 def test_class_guided_indices_come_from_the_right_classes():
+    # Seeded: 40 uniform draws miss one of 7 negatives with probability ~1.5%, which made this test flaky.
+    tf.random.set_seed(3)
     labels = np.array([0, 1, 2, 0, 1, 2, 2, 0, 1, 2, 0, 0])
     sampler = R.ClassSampler(labels)
     index = np.array([0, 4, 6, 11])
