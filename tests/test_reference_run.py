@@ -20,7 +20,8 @@ def test_plan_trains_students_on_one_split_and_distils_from_the_ensemble(tmp_pat
     steps = RR.plan(REPO / "configs" / "reference_ham10000.yaml", ["data.root=/data"], tmp_path, 224, [1, 2, 3], 3,
                     100)
     assert [s.name for s in steps] == ["teacher", "student_seed1", "student_seed2", "student_seed3",
-                                       "distill_seed1", "distill_seed2", "distill_seed3", "quantize", "baselines"]
+                                       "distill_seed1", "distill_seed2", "distill_seed3", "quantize",
+                                       "int8_on_validation", "qat_on_validation", "baselines"]
     argv = {s.name: " ".join(s.argv) for s in steps}
     assert "data.image_size=224" in argv["teacher"] and "stages=[teacher]" in argv["teacher"]
     assert "seed=2" in argv["student_seed2"] and "data.root=/data" in argv["student_seed2"]
@@ -31,6 +32,7 @@ def test_plan_trains_students_on_one_split_and_distils_from_the_ensemble(tmp_pat
     assert "--modes fp32,fp16,int8,qat" in argv["quantize"] and "--qat-epochs 3" in argv["quantize"]
     assert f"--run {tmp_path / 'distill_seed1'}" in argv["quantize"]
     assert f"--run {tmp_path / 'distill_seed1'}" in argv["baselines"]  # baselines use the distilled run's split
+    assert "--split val" in argv["qat_on_validation"] and "qat.tflite" in argv["qat_on_validation"]
     # One split for all: the config fixes data.split_seed, so the students' seeds do not move it.
     from melanoma_tf import config as C
 
@@ -85,11 +87,12 @@ def test_assemble_writes_the_results_folder_and_checks_the_targets(tmp_path):
     (out / "baselines.done").write_text("baselines-1\n")
     summary = RR.assemble(out, results, [1, 2, 3], {"teacher": 100.0}, "python tools/reference_run.py")
     met = {t["target"]: t for t in summary["targets"]}
-    assert met["QAT int8 holdout ROC-AUC"]["met"] and met["QAT int8 holdout ROC-AUC"]["value"] == 0.93
+    assert summary["shipped_int8"]["mode"] == "qat"  # without validation scores: QAT
+    assert met["int8 holdout ROC-AUC"]["met"] and met["int8 holdout ROC-AUC"]["value"] == 0.93
     ext_margin = next(t for t in summary["targets"] if "best baseline there" in t["target"])
     assert "baseline rf" in ext_margin["target"] and ext_margin["value"] == pytest.approx(0.14) and ext_margin["met"]
-    assert met["QAT int8 isic2017 ROC-AUC"]["met"]  # 0.76 >= 0.75
-    gap = next(t for t in summary["targets"] if "float-vs-int8" in t["target"])
+    assert met["int8 isic2017 ROC-AUC"]["met"]  # 0.76 >= 0.75
+    gap = next(t for t in summary["targets"] if "int8 vs float" in t["target"])
     assert gap["value"] == pytest.approx(0.005) and gap["met"]
     teacher = next(t for t in summary["targets"] if t["target"].startswith("teacher minus"))
     assert teacher["value"] == pytest.approx(0.03) and teacher["met"]
@@ -105,4 +108,14 @@ def test_assemble_writes_the_results_folder_and_checks_the_targets(tmp_path):
     assert sidecar["model"] == "student_int8.tflite" and "/machine" not in sidecar["source_run"]
     text = (results / "report.md").read_text()
     assert "| yes |" in text and "student no-KD seed 2" in text and "0.760 [0.730, 0.790]" in text
+    # The shipped int8 model is chosen on validation: here post-training int8 scores higher there than QAT.
+    _evaluation(tflite / "eval_val_qat", 0.88, 0.6)
+    _evaluation(tflite / "eval_val_int8", 0.90, 0.6)
+    (tflite / "int8.tflite").write_bytes(b"TFL3" + bytes(200))
+    (tflite / "int8.json").write_text(json.dumps({"model": "int8.tflite", "threshold": 0.4}))
+    summary = RR.assemble(out, results, [1, 2, 3], {"teacher": 100.0}, "python tools/reference_run.py")
+    assert summary["shipped_int8"] == {"mode": "int8", "validation_roc_auc": {"qat": 0.88, "int8": 0.90}}
+    assert next(t for t in summary["targets"] if t["target"] == "int8 holdout ROC-AUC")["value"] == 0.92
+    assert (results / "student_int8.tflite").stat().st_size == 204
+    assert "post-training int8 quantization" in (results / "report.md").read_text()
     assert sum(p.stat().st_size for p in results.iterdir()) < 5e6
