@@ -139,8 +139,8 @@ def prepare_start_weights(model, stage: str, cfg: Config, train: pd.DataFrame) -
     model's function unchanged (:func:`melanoma_tf.pretrained.reestimate_batchnorm`).
 
     Returns:
-      ``{"source", "name", "sha256", "bn_reestimated_on"}``, also written to
-      ``start_weights.json`` in the stage folder (file names only, no machine paths).
+      ``{"source", "name", "sha256", "bn_reestimated_on"}`` (file names only, no machine
+      paths), which the stage writes to ``start_weights.json`` and ``metrics.json``.
     """
     from melanoma_tf import pretrained
     from melanoma_tf.evaluate import load_images
