@@ -241,8 +241,8 @@ def evaluate(run_dir: Optional[str] = None, model_path: Optional[str] = None, sp
     """Scores a model and writes predictions, metrics, plots and report.md; returns report.md's path.
 
     ``relation``: for a Keras model, also the feature-relation analysis (Rd and
-    the relation matrix plot). ``external``: when scoring a run's holdout, also
-    score the run's external test sets (``data.external``) with the same
+    the relation matrix plot). ``external``: when scoring a run's split (the holdout,
+    or validation in a sweep), also score the run's external test sets (``data.external``) with the same
     validation-chosen threshold, each in ``<out>/external/<name>/``, and put them
     beside the holdout in the report. ``melanoma_labels``: the ``--labels`` CSV says
     melanoma (1) or not (0) even for a multiclass model (external sets are labelled so).
@@ -323,7 +323,8 @@ def evaluate(run_dir: Optional[str] = None, model_path: Optional[str] = None, sp
         audit_frame["age_band"] = audit_frame["age"].map(M.age_band)
     result["subgroups"] = M.subgroup_audit(audit_frame, result["threshold"])
     figures = plots.binary_figures(out_dir, test_y, predictions["probability"].to_numpy(),
-                                   predictions["calibrated_probability"].to_numpy(), result["threshold"])
+                                   predictions["calibrated_probability"].to_numpy(), result["threshold"],
+                                   "Platt-calibrated" if result.get("platt") else "temperature-scaled")
     if "multiclass" in result:
         figures["confusion_multiclass"] = plots.confusion_matrix_plot(
             out_dir / "confusion_multiclass.png", np.array(result["multiclass"]["confusion_matrix"]),

@@ -38,8 +38,8 @@ def roc_plot(path: Path, curves: dict, operating_points: dict | None = None) -> 
     return save(fig, path)
 
 
-def binary_figures(out_dir: Path, y, p, p_cal, threshold: float) -> dict:
-    """ROC, PR, reliability (before/after temperature scaling), threshold sweep and confusion matrix."""
+def binary_figures(out_dir: Path, y, p, p_cal, threshold: float, calibration: str = "temperature-scaled") -> dict:
+    """ROC, PR, reliability (before/after calibration, named by ``calibration``), threshold sweep and confusion."""
     out_dir = Path(out_dir)
     y = np.asarray(y)
     rates = M.rates_at(y, p, threshold)
@@ -56,7 +56,7 @@ def binary_figures(out_dir: Path, y, p, p_cal, threshold: float) -> dict:
     figures["pr"] = save(fig, out_dir / "pr.png")
 
     fig, ax = plt.subplots(figsize=(5, 5))
-    for name, probs in (("raw", p), ("temperature-scaled", p_cal)):
+    for name, probs in (("raw", p), (calibration, p_cal)):
         bins = M.reliability_bins(y, probs)
         ax.plot([b["mean_prob"] for b in bins], [b["observed"] for b in bins], "o-",
                 label=f"{name} (ECE {M.ece(y, probs):.3f})")
