@@ -18,7 +18,7 @@ class FlatbufferError(ValueError):
     """A .tflite file is cut short, corrupted or not a flatbuffer; the message names the file."""
 
 
-def verify_flatbuffer(path: str | os.PathLike) -> None:
+def verify_flatbuffer(path: str | os.PathLike) -> bytes:
     """Checks a ``.tflite`` file's structure before any runtime opens it.
 
     The C++ runtimes trust the file: a copy cut short (an interrupted ``scp``)
@@ -27,6 +27,9 @@ def verify_flatbuffer(path: str | os.PathLike) -> None:
     ``TFL3`` identifier, the root table, each subgraph's tensors (shape, buffer
     index) and operators (opcode and tensor indices), and each buffer's data
     (inside the file, or at its external offset).
+
+    Returns:
+      The file's bytes (read once; callers hash them).
 
     Raises:
       FlatbufferError: with the file name and what is wrong.
@@ -76,6 +79,7 @@ def verify_flatbuffer(path: str | os.PathLike) -> None:
     except Exception as err:  # noqa: BLE001 - any read past the end or bad offset means a broken file
         raise FlatbufferError(f"{path}: corrupt or cut-short TFLite flatbuffer ({len(data):,} bytes): "
                               f"{type(err).__name__}: {err}") from None
+    return data
 
 
 # Bytes per element of each TFLite tensor type (schema TensorType); None: variable or packed (not size-checked).
@@ -168,10 +172,9 @@ def verify_model_file(path: str | os.PathLike, probe: bool = True) -> Optional[d
     import hashlib
 
     path = Path(path)
-    verify_flatbuffer(path)
+    blob = verify_flatbuffer(path)
     sidecar = read_sidecar(path)
     if sidecar:
-        blob = path.read_bytes()
         size, digest = sidecar.get("size_bytes"), sidecar.get("sha256")
         if size is not None and int(size) != len(blob):
             raise FlatbufferError(f"{path}: {len(blob):,} bytes, its sidecar {path.with_suffix('.json').name} says "

@@ -46,3 +46,23 @@ def tiny_overrides(root: Path, out: Path, **extra) -> list[str]:
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
+
+
+def tiny_int8_flatbuffer(size: int = 16) -> bytes:
+    """A small full-int8 flatbuffer with the student's kinds of ops (conv, hard-swish, pooling, dense)."""
+    import numpy as np
+
+    from melanoma_tf.backend import keras, tf
+    from melanoma_tf.mobilenet_v3 import HardSwish
+
+    inputs = keras.Input((size, size, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same")(keras.layers.Rescaling(1 / 127.5, offset=-1)(inputs))
+    x = keras.layers.GlobalAveragePooling2D()(HardSwish()(x))
+    model = keras.Model(inputs, keras.layers.Dense(1)(x))
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    images = np.random.default_rng(0).uniform(0, 255, (8, size, size, 3)).astype(np.float32)
+    converter.representative_dataset = lambda: ([image[None]] for image in images)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.inference_input_type = converter.inference_output_type = tf.int8
+    return converter.convert()
