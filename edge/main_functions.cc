@@ -42,17 +42,20 @@ void setup() {
   input = interpreter->input(0);
 }
 
-void loop() {
+TfLiteStatus RunInference() {
   if (input == nullptr) {
-    return;
+    return kTfLiteError;
   }
   if (GetImage(kNumCols, kNumRows, kNumChannels, input->data.int8) != kTfLiteOk) {
     MicroPrintf("Image capture failed.");
-    return;
+    return kTfLiteError;
   }
   if (interpreter->Invoke() != kTfLiteOk) {
     MicroPrintf("Invoke failed.");
-    return;
+    return kTfLiteError;
   }
   RespondToDetection(interpreter->output(0)->data.int8[0]);
+  return kTfLiteOk;
 }
+
+void loop() { RunInference(); }

@@ -15,6 +15,7 @@ last line printed is ``report: <path of report.md>``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import sys
@@ -304,7 +305,9 @@ def evaluate(run_dir: Optional[str] = None, model_path: Optional[str] = None, sp
     result.update(cost.model_cost(model_file, keras_model=model.keras_model, runs=latency_runs,
                                   reference_keras=reference))
     result.update({"model": str(model_file), "split": tag, "run": str(stage_dir) if stage_dir else None,
-                   "model_name": _model_name(stage_dir, model_file)})
+                   "model_name": _model_name(stage_dir, model_file),
+                   # which file these numbers are of: export_app refuses to show them beside another model
+                   "model_sha256": hashlib.sha256(Path(model_file).read_bytes()).hexdigest()})
 
     predictions = test[["image_id", "lesion_id", "label"]].copy()
     predictions["probability"] = M.sigmoid(test_z)

@@ -78,6 +78,10 @@ def test_assemble_writes_the_results_folder_and_checks_the_targets(tmp_path):
     tflite = out / "distill_seed1" / "tflite"
     _evaluation(tflite / "eval_qat", 0.93, 0.71, 1.2, external=0.76)
     _evaluation(tflite / "eval_int8", 0.92, 0.70, 1.2, external=0.75)
+    _evaluation(tflite / "eval_fp16", 0.925, 0.70, 1.9, external=0.75)
+    (tflite / "fp16.tflite").write_bytes(b"TFL3" + bytes(150))
+    (tflite / "fp16.json").write_text(json.dumps({"model": "fp16.tflite", "threshold": 0.35,
+                                                  "source_run": "/machine/path/distill_seed1"}))
     (tflite / "qat.tflite").write_bytes(b"TFL3" + bytes(100))
     (tflite / "qat.json").write_text(json.dumps({"model": "qat.tflite", "threshold": 0.3,
                                                  "source_run": "/machine/path/distill_seed1"}))
@@ -106,6 +110,13 @@ def test_assemble_writes_the_results_folder_and_checks_the_targets(tmp_path):
         assert (results / name).is_file(), name
     sidecar = json.loads((results / "student_int8.json").read_text())
     assert sidecar["model"] == "student_int8.tflite" and "/machine" not in sidecar["source_run"]
+    # the phone app's fp16 student and both evaluations travel with the results, named by their files there
+    fp16 = json.loads((results / "student_fp16.json").read_text())
+    assert fp16["model"] == "student_fp16.tflite" and "/machine" not in fp16["source_run"]
+    assert (results / "student_fp16.tflite").stat().st_size == 154
+    for name, auc in (("student_int8", 0.93), ("student_fp16", 0.925)):
+        evaluation = json.loads((results / f"{name}_eval.json").read_text())
+        assert evaluation["model"] == f"{name}.tflite" and evaluation["roc_auc"] == auc
     text = (results / "report.md").read_text()
     assert "| yes |" in text and "student no-KD seed 2" in text and "0.760 [0.730, 0.790]" in text
     # The shipped int8 model is chosen on validation: here post-training int8 scores higher there than QAT.

@@ -123,6 +123,13 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
+def _shipped_evaluation(eval_dir: Path, model_name: str, run_name: str) -> dict:
+    """An evaluation of a shipped model, named by its file in results/ (no path of this machine)."""
+    evaluation = json.loads((eval_dir / "metrics.json").read_text())
+    evaluation.update(model=model_name, model_file=model_name, run=run_name)
+    return evaluation
+
+
 def assemble(out: Path, results: Path, seeds: list[int], timings: dict, command: str,
              external: str = "isic2017") -> dict:
     """Writes the results folder from the finished run; returns the summary."""
@@ -221,6 +228,15 @@ def assemble(out: Path, results: Path, seeds: list[int], timings: dict, command:
     sidecar["model"] = "student_int8.tflite"
     sidecar["source_run"] = f"{first.name} of {command}"
     write_json(results / "student_int8.json", sidecar)
+    write_json(results / "student_int8_eval.json", _shipped_evaluation(qat_eval, "student_int8.tflite", first.name))
+    # The phone app runs the fp16 student: float arithmetic gives the same score in every runtime, while
+    # int8 kernels (XNNPACK on x86 or WebAssembly, TFLite's reference ones) differ by several output steps.
+    shutil.copyfile(first / "tflite" / "fp16.tflite", results / "student_fp16.tflite")
+    sidecar = json.loads((first / "tflite" / "fp16.json").read_text())
+    sidecar.update(model="student_fp16.tflite", source_run=f"{first.name} of {command}")
+    write_json(results / "student_fp16.json", sidecar)
+    write_json(results / "student_fp16_eval.json",
+               _shipped_evaluation(first / "tflite" / "eval_fp16", "student_fp16.tflite", first.name))
     shutil.copyfile(first / "splits.csv", results / "splits.csv")
 
     rows = []
@@ -263,6 +279,9 @@ def assemble(out: Path, results: Path, seeds: list[int], timings: dict, command:
               "(input size and quantization, threshold, calibration). Score it on your data with "
               "`python -m melanoma_tf.evaluate --model results/reference_ham10000/student_int8.tflite "
               "--images DIR --labels CSV`; time it on a Pi with `tools/benchmark_tflite.py`.",
+              "- `student_int8_eval.json`: its evaluation (holdout and external sets).",
+              "- `student_fp16.tflite` + `student_fp16.json` + `student_fp16_eval.json`: the same student in fp16, "
+              "the model of the phone app (`python -m melanoma_tf.export_app`).",
               "- `splits.csv`: the image-level split (train / val / holdout) of this run.",
               "- `roc.png`, `auc_vs_size.png`, `auc_vs_latency.png`: all models on the holdout; `student_int8_*.png`: "
               "the int8 student's ROC, PR, calibration and threshold plots.", ""]

@@ -1,0 +1,175 @@
+// The app in a real browser (Debian's Chromium, headless): parity with Python, offline, privacy,
+// bad input, a damaged model, and the screenshots README shows.
+import assert from 'node:assert/strict';
+import {mkdirSync, readFileSync} from 'node:fs';
+import {join} from 'node:path';
+import {after, before, test} from 'node:test';
+import {APP, classify, expectedOutputs, launch, PHONE, startServer, waitReady} from './helpers.mjs';
+
+const SCREENSHOTS = join(APP, 'screenshots');
+let server;
+let browser;
+let expectedCache;
+const expected20 = () => (expectedCache ??= expectedOutputs(20));  // one Python run for every test
+
+before(async () => {
+  server = await startServer();
+  browser = await launch();
+});
+
+after(async () => {
+  await browser?.close();
+  await server?.close();
+});
+
+test('shows what Python shows for 20 HAM10000 images, asks for nothing off the device', async () => {
+  const expected = expected20();
+  assert.equal(expected.length, 20);
+  assert.ok(new Set(expected.map((e) => e.decision)).size >= 2, 'the images should give more than one decision');
+  const context = await browser.newContext(PHONE);
+  const page = await context.newPage();
+  const requests = [];
+  page.on('request', (r) => requests.push({url: r.url(), method: r.method()}));
+  await page.goto(server.url);
+  assert.equal(await waitReady(page), 'ready', await page.locator('#status').textContent());
+  mkdirSync(SCREENSHOTS, {recursive: true});
+  await page.screenshot({path: join(SCREENSHOTS, 'main.png'), fullPage: true});
+
+  const times = [];
+  let worst = 0;
+  for (const e of expected) {
+    const got = await classify(page, e.path);
+    worst = Math.max(worst, Math.abs(got.probability - e.probability));
+    assert.equal(got.state, 'ready', got.status);
+    assert.ok(Math.abs(got.probability - e.probability) <= 0.01,
+        `${e.path}: app ${got.probability}, Python ${e.probability}`);
+    assert.equal(got.decision, e.decision, `${e.path}: app ${got.decision}, Python ${e.decision}`);
+    assert.equal(got.shown, `${(100 * got.probability).toFixed(1)}%`);
+    times.push(got.ms);
+    if (e === expected[0]) await page.screenshot({path: join(SCREENSHOTS, 'result.png'), fullPage: true});
+  }
+  times.sort((a, b) => a - b);
+  console.log(`in-browser inference (WASM, this machine): median ${times[times.length >> 1].toFixed(1)} ms, `
+      + `min ${times[0].toFixed(1)} ms over ${times.length} images; largest probability difference to Python `
+      + `${worst.toExponential(2)}`);
+
+  // Privacy: every request went to the app's own origin, and none sent data.
+  const origin = new URL(server.url).origin;
+  const foreign = requests.filter((r) => !r.url.startsWith(origin) && !/^(data|blob):/.test(r.url));
+  assert.deepEqual(foreign, []);
+  assert.deepEqual(requests.filter((r) => r.method !== 'GET'), []);
+  // ... and the page's Content-Security-Policy refuses any other destination.
+  const blocked = await page.evaluate(async () => {
+    try {
+      await fetch('https://example.org/collect', {method: 'POST', body: 'x'});
+      return false;
+    } catch (err) {
+      return true;
+    }
+  });
+  assert.ok(blocked, 'a request to another origin was not blocked');
+  await context.close();
+});
+
+test('works offline after the first visit', async () => {
+  const context = await browser.newContext(PHONE);
+  const page = await context.newPage();
+  let firstLoadBytes = 0;
+  page.on('response', async (response) => {
+    try {
+      firstLoadBytes += (await response.body()).length;
+    } catch (err) { /* redirects and aborted requests have no body */ }
+  });
+  await page.goto(server.url);
+  assert.equal(await waitReady(page), 'ready');
+  // wait until the service worker controls the page and has cached the model
+  await page.evaluate(async () => {
+    await navigator.serviceWorker.ready;
+    if (!navigator.serviceWorker.controller) {
+      await new Promise((resolve) => navigator.serviceWorker.addEventListener('controllerchange', resolve));
+    }
+  });
+  const cached = await page.evaluate(async () => {
+    const names = await caches.keys();
+    const cache = await caches.open(names[0]);
+    return (await cache.keys()).map((r) => new URL(r.url).pathname);
+  });
+  for (const file of ['/model/model.tflite', '/model/model.json', '/model/app.json',
+    '/litert/litert_wasm_internal.wasm']) {
+    assert.ok(cached.includes(file), `${file} not cached: ${cached.join(', ')}`);
+  }
+  console.log(`first load: ${(firstLoadBytes / 1e6).toFixed(2)} MB fetched`);
+
+  await context.setOffline(true);
+  await page.reload();
+  assert.equal(await waitReady(page), 'ready', await page.locator('#status').textContent());
+  const [first] = expected20();
+  const got = await classify(page, first.path);
+  assert.equal(got.state, 'ready', got.status);
+  assert.ok(Math.abs(got.probability - first.probability) <= 0.01);
+  await context.close();
+});
+
+test('a file that is not an image, an undecodable one and a huge one get a message, not a crash', async () => {
+  const context = await browser.newContext(PHONE);
+  const page = await context.newPage();
+  const errors = [];
+  page.on('pageerror', (err) => errors.push(err.message));
+  await page.goto(server.url);
+  assert.equal(await waitReady(page), 'ready');
+
+  let got = await classify(page, {name: 'notes.txt', mimeType: 'text/plain', buffer: Buffer.from('hello')});
+  assert.equal(got.state, 'error');
+  assert.match(got.status, /notes\.txt is not an image/);
+
+  got = await classify(page, {name: 'broken.jpg', mimeType: 'image/jpeg', buffer: Buffer.from('not a jpeg')});
+  assert.equal(got.state, 'error');
+  assert.match(got.status, /broken\.jpg could not be read as an image/);
+
+  // 8000 x 8000 = 64 megapixels, beyond what the app takes: a small PNG that decodes huge
+  const huge = await page.evaluate(async () => {
+    const canvas = new OffscreenCanvas(8000, 8000);
+    canvas.getContext('2d').fillRect(0, 0, 10, 10);
+    const blob = await canvas.convertToBlob({type: 'image/png'});
+    return Array.from(new Uint8Array(await blob.arrayBuffer()));
+  });
+  got = await classify(page, {name: 'huge.png', mimeType: 'image/png', buffer: Buffer.from(huge)});
+  assert.equal(got.state, 'error');
+  assert.match(got.status, /huge\.png is 64 megapixels/);
+  assert.equal(await page.locator('#result').isHidden(), true);
+
+  // the page still works after all that
+  const [first] = expected20();
+  got = await classify(page, first.path);
+  assert.equal(got.state, 'ready', got.status);
+  assert.deepEqual(errors, []);
+  await context.close();
+});
+
+test('a damaged or swapped model file is refused with a message naming it', async () => {
+  const original = readFileSync(join(APP, 'dist', 'model', 'model.tflite'));
+  const flipped = Buffer.from(original);
+  flipped[flipped.length >> 1] ^= 0xff;
+  for (const [body, message] of [
+    [flipped, /model\.tflite does not match its sidecar/],
+    [original.subarray(0, 50_000), /model\.tflite is 50000 bytes, its sidecar says/]]) {
+    const context = await browser.newContext(PHONE);
+    const page = await context.newPage();
+    await page.route('**/model/model.tflite', (route) => route.fulfill({body, contentType: 'application/octet-stream'}));
+    await page.goto(server.url);
+    assert.equal(await waitReady(page), 'error');
+    assert.match(await page.locator('#status').textContent(), message);
+    assert.equal(await page.locator('#picker').isDisabled(), true);
+    await context.close();
+  }
+});
+
+test('the built app carries its runtime and model: no CDN, no other origin in any file', async () => {
+  const sw = readFileSync(join(APP, 'dist', 'sw.js'), 'utf8');
+  const html = readFileSync(join(APP, 'dist', 'index.html'), 'utf8');
+  assert.match(html, /connect-src 'self'/);
+  for (const file of ['model/model.tflite', 'model/model.json', 'model/app.json', 'litert/litert_wasm_internal.js']) {
+    assert.ok(sw.includes(`"${file}"`), `${file} not precached`);
+  }
+  assert.doesNotMatch(html, /https?:\/\/(?!www\.w3\.org)/);
+});

@@ -1,0 +1,134 @@
+"""melanoma_tf.export_app: the phone app's model files, their arithmetic, and what the page may claim."""
+
+import hashlib
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import REPO, tiny_int8_flatbuffer
+from melanoma_tf import export_app as EA
+from melanoma_tf import metrics as M
+from melanoma_tf.tflite import TFLiteModel, verify_flatbuffer
+
+SIZE = 16
+
+
+def _int8_model(folder, metrics_sha=None, external=True):
+    """A tiny int8 model with its sidecar and an evaluation beside it, as quantize + evaluate leave them."""
+    from melanoma_tf.quantize import flatbuffer_details
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "int8.tflite"
+    path.write_bytes(tiny_int8_flatbuffer(SIZE))
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    sidecar = {**flatbuffer_details(path), "model": "int8.tflite", "input_size": SIZE, "threshold": 0.3,
+               "threshold_logit": float(M.logit(0.3)), "refer_margin_logit": 0.4, "temperature": 1.5,
+               "calibration": {"method": "platt", "a": 0.8, "b": -0.5, "fitted_on": "validation"},
+               "target_sensitivity": 0.95, "labels": "binary", "size_bytes": path.stat().st_size, "sha256": sha}
+    path.with_suffix(".json").write_text(json.dumps(sidecar))
+    evaluation = {"roc_auc": 0.81, "roc_auc_ci": [0.7, 0.9], "sensitivity": 0.93, "specificity": 0.6,
+                  "n_images": 120, "n_melanoma": 15, "split": "holdout", "threshold_source": "validation",
+                  "model_sha256": metrics_sha or sha}
+    if external:
+        evaluation["external"] = {"isic2017": {"roc_auc": 0.64, "sensitivity": 0.7, "specificity": 0.45,
+                                               "n_images": 50, "n_melanoma": 10, "folder": "external/isic2017"}}
+    (folder / "eval_int8").mkdir(exist_ok=True)
+    (folder / "eval_int8" / "metrics.json").write_text(json.dumps(evaluation))
+    return path, sidecar
+
+
+def test_float_interface_keeps_the_int8_arithmetic(tmp_path):
+    path, _ = _int8_model(tmp_path)
+    float_path = tmp_path / "float_io.tflite"
+    float_path.write_bytes(EA.float_io_flatbuffer(path.read_bytes()))
+    verify_flatbuffer(float_path)
+    original, wrapped = TFLiteModel(path), TFLiteModel(float_path)
+    assert wrapped.input_dtype == np.float32 and wrapped.output_dtype == np.float32
+    images = np.random.default_rng(1).uniform(0, 255, (12, SIZE, SIZE, 3)).astype(np.float32)
+    np.testing.assert_array_equal(wrapped.predict(images), original.predict(images))
+    with pytest.raises(EA.ExportError, match="not int8"):
+        EA.float_io_flatbuffer(float_path.read_bytes())
+
+
+def test_static_batch_is_written_into_the_shape_signature(tmp_path):
+    from ai_edge_litert import schema_py_generated as schema
+
+    from melanoma_tf.backend import keras, tf
+
+    inputs = keras.Input((SIZE, SIZE, 3))
+    model = keras.Model(inputs, keras.layers.Dense(1)(keras.layers.GlobalAveragePooling2D()(inputs)))
+    data = tf.lite.TFLiteConverter.from_keras_model(model).convert()
+    before = schema.ModelT.InitFromPackedBuf(bytearray(data), 0).subgraphs[0]
+    assert list(before.tensors[before.inputs[0]].shapeSignature)[0] == -1  # what LiteRT.js refuses
+    fixed = EA.static_batch_flatbuffer(data)
+    after = schema.ModelT.InitFromPackedBuf(bytearray(fixed), 0).subgraphs[0]
+    assert all(t.shapeSignature is None or list(t.shapeSignature)[:1] != [-1] for t in after.tensors)
+    assert list(after.tensors[after.inputs[0]].shapeSignature) == [1, SIZE, SIZE, 3]
+    (tmp_path / "a.tflite").write_bytes(data)
+    (tmp_path / "b.tflite").write_bytes(fixed)
+    x = np.random.default_rng(2).uniform(0, 255, (1, SIZE, SIZE, 3)).astype(np.float32)
+    np.testing.assert_allclose(TFLiteModel(tmp_path / "b.tflite").predict(x),
+                               TFLiteModel(tmp_path / "a.tflite").predict(x), rtol=1e-6)
+
+
+def test_export_writes_a_model_the_app_can_check_and_what_the_page_shows(tmp_path):
+    path, sidecar = _int8_model(tmp_path / "run" / "tflite")
+    out = tmp_path / "app_model"
+    assert EA.main(["--model", str(path), "--out", str(out)]) == 0
+    written = json.loads((out / "model.json").read_text())
+    data = (out / "model.tflite").read_bytes()
+    assert written["sha256"] == hashlib.sha256(data).hexdigest() and written["size_bytes"] == len(data)
+    assert written["input_dtype"] == written["output_dtype"] == "float32" and "input_scale" not in written
+    assert written["derived_from"] == {"model": "int8.tflite", "sha256": sidecar["sha256"]}
+    for key in ("threshold_logit", "refer_margin_logit", "temperature", "calibration", "input_size"):
+        assert written[key] == sidecar[key]
+    info = json.loads((out / "app.json").read_text())
+    assert (info["model"], info["sidecar"]) == ("model.tflite", "model.json")
+    assert [s["name"] for s in info["tested_on"]] == ["HAM10000 holdout", "isic2017"]
+    assert info["tested_on"][0]["sensitivity"] == 0.93 and info["tested_on"][1]["roc_auc"] == 0.64
+    assert "folder" not in info["tested_on"][1]
+    # the app's logits are the source model's
+    images = np.random.default_rng(3).uniform(0, 255, (6, SIZE, SIZE, 3)).astype(np.float32)
+    np.testing.assert_array_equal(TFLiteModel(out / "model.tflite").predict(images), TFLiteModel(path).predict(images))
+
+
+def test_export_refuses_what_it_cannot_vouch_for(tmp_path, capsys):
+    path, _ = _int8_model(tmp_path / "a", metrics_sha="0" * 64)
+    with pytest.raises(EA.ExportError, match=r"eval_int8/metrics.json: evaluates model sha256 0000"):
+        EA.export_app(path, tmp_path / "out")
+    path, _ = _int8_model(tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "eval_int8")
+    with pytest.raises(EA.ExportError, match="no evaluation found"):
+        EA.export_app(path, tmp_path / "out")
+    path.with_suffix(".json").unlink()
+    assert EA.main(["--model", str(path), "--out", str(tmp_path / "out")]) == 2
+    assert "int8.tflite: no sidecar int8.json beside it" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "model.tflite").exists()
+    path, _ = _int8_model(tmp_path / "c")
+    path.write_bytes(path.read_bytes()[:-10])  # damaged after its sidecar was written
+    assert EA.main(["--model", str(path), "--out", str(tmp_path / "out")]) == 2
+    assert "int8.tflite" in capsys.readouterr().err
+
+
+def test_decision_and_probability_follow_evaluate():
+    """The app's rule is evaluate's: called at sigmoid(z) >= threshold, refer within the margin / T."""
+    sidecar = {"threshold": 0.3, "threshold_logit": float(M.logit(0.3)), "temperature": 1.5,
+               "refer_margin_logit": 0.4, "calibration": {"method": "platt", "a": 0.8, "b": -0.5}}
+    z = np.linspace(-4, 4, 801)
+    called = M.sigmoid(z) >= sidecar["threshold"]
+    refer = np.abs(z / 1.5 - M.logit(0.3) / 1.5) < 0.4
+    expected = np.where(refer, "refer", np.where(called, "melanoma", "not_melanoma"))
+    got = np.array([EA.decision(float(v), sidecar) for v in z])
+    assert (got == expected).mean() > 0.995  # float32 threshold_logit: at most the grid points at the edge
+    assert {"refer", "melanoma", "not_melanoma"} == set(got)
+    assert EA.shown_probability(1.0, sidecar) == pytest.approx(M.sigmoid(0.8 * 1.0 - 0.5))
+    assert EA.shown_probability(1.0, {"temperature": 2.0}) == pytest.approx(M.sigmoid(0.5))
+
+
+def test_the_app_ships_the_export_of_the_committed_fp16_student(tmp_path):
+    source = REPO / "results" / "reference_ham10000" / "student_fp16.tflite"
+    EA.export_app(source, tmp_path)
+    for name in ("model.tflite", "model.json", "app.json"):
+        assert (tmp_path / name).read_bytes() == (REPO / "app" / "public" / "model" / name).read_bytes(), name
