@@ -213,14 +213,40 @@ def build_student(cfg: StudentConfig, image_size: int, num_outputs: int = 1) -> 
     return keras.Model(image, logits, name=name)
 
 
+class ModelFileError(ConfigError):
+    """A ``.keras`` file is not a Keras model (not a zip, no config.json, cut short); the message names it."""
+
+
 def load_model(path: str | os.PathLike) -> keras.Model:
-    """Loads a ``.keras`` model saved by melanoma_tf (custom layers registered on import)."""
+    """Loads a ``.keras`` model saved by melanoma_tf (custom layers registered on import).
+
+    Raises:
+      FileNotFoundError: no such file.
+      ModelFileError: the file is not a loadable Keras model; one line naming the file.
+    """
+    import zipfile
+
     from melanoma_tf import mobilenet_v3  # noqa: F401 - registers HardSwish / HardSigmoid for deserialisation
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model file not found: {path}")
-    return keras.models.load_model(path, compile=False)
+    # A .keras file is a zip archive with config.json and the weights; Keras's own error for anything else
+    # ("Unable to synchronously open file") does not name the file.
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = set(archive.namelist())
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError) as err:
+        raise ModelFileError(f"{path}: not a Keras model file (a .keras file is a zip archive): {err}") from None
+    if "config.json" not in names:
+        raise ModelFileError(f"{path}: not a Keras model file (no config.json inside)")
+    if bad is not None:
+        raise ModelFileError(f"{path}: damaged Keras model file ({bad} fails its CRC check)")
+    try:
+        return keras.models.load_model(path, compile=False)
+    except (ValueError, OSError, KeyError, TypeError) as err:
+        raise ModelFileError(f"{path}: cannot load this Keras model: {err}") from None
 
 
 def save_model(model: keras.Model, path: str | os.PathLike) -> None:

@@ -105,3 +105,33 @@ def test_fuzz_damaged_flatbuffers_never_crash(int8_model, tmp_path, with_sidecar
     assert errors >= 40  # every cut is an error (the last offset still drops a byte)
     if with_sidecar:
         assert ok == 0  # its sidecar's size and sha256 catch every damaged copy
+
+
+def test_a_keras_file_that_is_not_a_model_is_named(tmp_path, capsys):
+    import zipfile
+
+    from melanoma_tf.backend import keras
+    from melanoma_tf.models import ModelFileError, load_model, save_model
+
+    inputs = keras.Input((8,))
+    good = tmp_path / "good.keras"
+    save_model(keras.Model(inputs, keras.layers.Dense(1)(inputs)), good)
+    assert load_model(good).count_params() == 9
+    text = tmp_path / "notes.keras"
+    text.write_text("not a model")
+    no_config = tmp_path / "empty.keras"
+    with zipfile.ZipFile(no_config, "w") as archive:
+        archive.writestr("readme.txt", "hello")
+    cut = tmp_path / "cut.keras"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    for path, message in ((text, "not a Keras model file"), (no_config, r"not a Keras model file \(no config.json inside"),
+                          (cut, "not a Keras model file")):
+        with pytest.raises(ModelFileError, match=f"{path.name}: {message}"):
+            load_model(path)
+    # a command says it in one line and exits 2: here a distillation whose teacher is that file
+    from melanoma_tf import train
+
+    code = train.main(["--config", str(REPO / "configs" / "quickstart.yaml"), "--set", "stages=[distill]",
+                       "--set", f"distill.teacher=[{text}]", "--set", f"output.dir={tmp_path / 'runs'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("error: ") and "notes.keras: not a Keras model file" in err[-1]
