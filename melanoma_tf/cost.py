@@ -99,6 +99,19 @@ def tflite_latency(path: str | os.PathLike, runs: int = 50, warmup: int = 5, thr
     return _summarise(times)
 
 
+def delegate_partitions(path: str | os.PathLike) -> int:
+    """How many XNNPACK partitions the runtime cuts a flatbuffer into (1: the whole graph is delegated).
+
+    Every op XNNPACK cannot take (int8 HARD_SWISH, for one) runs on TFLite's own kernels between
+    two partitions; each boundary costs a hand-over, so the count explains int8 latency on CPUs.
+    """
+    from melanoma_tf.tflite import TFLiteModel
+
+    model = TFLiteModel(path, threads=1)
+    # Private API, the only one that lists the execution plan after delegation (no public equivalent).
+    return sum(op["op_name"] == "DELEGATE" for op in model.interpreter._get_ops_details())
+
+
 def model_cost(model_path: str | os.PathLike, keras_model: Optional[keras.Model] = None, runs: int = 50,
                warmup: int = 5, reference_keras: Optional[keras.Model] = None) -> dict:
     """Params, MACs ("flops", multiply-adds per image), size and batch-1 latency of a model file.

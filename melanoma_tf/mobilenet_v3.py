@@ -11,6 +11,7 @@ whole student converts to an int8-only flatbuffer.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 from melanoma_tf.backend import keras, tf
@@ -26,11 +27,40 @@ class HardSigmoid(layers.Layer):
         return tf.nn.relu6(inputs + 3.0) * (1.0 / 6.0)
 
 
+# How HardSwish is written when a model is traced for TFLite (see hard_swish_form).
+HARD_SWISH_FORMS = ("fused", "mul")
+_hard_swish_form = "fused"
+
+
+@contextlib.contextmanager
+def hard_swish_form(form: str):
+    """Traces HardSwish as ``form`` inside the block (the float arithmetic is the same).
+
+    ``fused``: ``x * relu6(x + 3) / 6``, which the TFLite converter turns into one
+    HARD_SWISH op: exact int8 kernel, the smallest TFLite-Micro arena, but XNNPACK has
+    no int8 HARD_SWISH, so on CPUs each one cuts the int8 graph into another delegate
+    partition run between TFLite's own kernels (19 partitions for the student).
+    ``mul``: ``(x / 6) * relu6(x + 3)``, which the converter leaves as MUL and ADD
+    (with a fused ReLU6): the whole int8 graph is one XNNPACK partition, at the cost of
+    two more int8 roundings per activation and larger TFLite-Micro arenas.
+    """
+    global _hard_swish_form
+    if form not in HARD_SWISH_FORMS:
+        raise ValueError(f"hard-swish form {form!r}: choose from {HARD_SWISH_FORMS}")
+    previous, _hard_swish_form = _hard_swish_form, form
+    try:
+        yield
+    finally:
+        _hard_swish_form = previous
+
+
 @keras.utils.register_keras_serializable(package="melanoma_tf")
 class HardSwish(layers.Layer):
-    """x * relu6(x + 3) / 6; TFLite fuses it into one HARD_SWISH op."""
+    """x * relu6(x + 3) / 6; TFLite fuses it into one HARD_SWISH op (unless traced as ``mul``)."""
 
     def call(self, inputs):
+        if _hard_swish_form == "mul":
+            return (inputs * (1.0 / 6.0)) * tf.nn.relu6(inputs + 3.0)
         return inputs * tf.nn.relu6(inputs + 3.0) * (1.0 / 6.0)
 
 

@@ -125,8 +125,23 @@ def cluster_4bit(student: keras.Model) -> keras.Model:
 # --------------------------------------------------------------------------- conversion
 
 
-def convert(model: keras.Model, mode: str, representative: Optional[np.ndarray] = None) -> bytes:
-    """Converts a Keras model to a TFLite flatbuffer in one of the modes."""
+def convert(model: keras.Model, mode: str, representative: Optional[np.ndarray] = None,
+            hard_swish: str = "fused") -> bytes:
+    """Converts a Keras model to a TFLite flatbuffer in one of the modes.
+
+    Args:
+      hard_swish: for ``int8`` (post-training), how hard-swish is written
+        (:func:`melanoma_tf.mobilenet_v3.hard_swish_form`): ``fused`` (one HARD_SWISH op,
+        for TFLite-Micro) or ``mul`` (MUL/ADD, one XNNPACK partition, for phones and Pis).
+        QAT models keep ``fused``: their fake-quantization was trained on that graph.
+    """
+    from melanoma_tf.mobilenet_v3 import hard_swish_form
+
+    with hard_swish_form(hard_swish if mode == "int8" else "fused"):
+        return _convert(model, mode, representative)
+
+
+def _convert(model: keras.Model, mode: str, representative: Optional[np.ndarray]) -> bytes:
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
     if mode in ("fp32",):
         pass
@@ -310,11 +325,12 @@ def qat_finetune(student: keras.Model, cfg, stage_dir: Path, folder: Path, epoch
 
 def quantize_run(run_dir: str | Path, modes: tuple[str, ...] = MODES, qat_epochs: int = 2, qat_lr: float = 1e-4,
                  n_representative: int = 200, n_boot: int = 500, latency_runs: int = 50,
-                 split: str = "holdout") -> Path:
+                 split: str = "holdout", int8_hard_swish: str = "fused") -> Path:
     """Writes and scores every requested flatbuffer; returns the ``tflite`` folder.
 
     ``split``: where the models are scored (``holdout``; sweeps choose on ``val``,
-    into ``eval_val_*`` folders and ``comparison_val.*``).
+    into ``eval_val_*`` folders and ``comparison_val.*``). ``int8_hard_swish``: how the
+    post-training int8 model writes hard-swish (see :func:`convert`).
     """
     from melanoma_tf import models
     from melanoma_tf.evaluate import evaluate, resolve_stage_dir
@@ -353,13 +369,15 @@ def quantize_run(run_dir: str | Path, modes: tuple[str, ...] = MODES, qat_epochs
             source = cluster_4bit(student)
         else:
             source = student
-        blob = convert(source, mode, representative)
+        blob = convert(source, mode, representative, hard_swish=int8_hard_swish)
         path = folder / f"{mode}.tflite"
         (folder / f"{mode}.json").unlink(missing_ok=True)  # a sidecar of an earlier conversion no longer matches
         write_atomic(path, blob)
         eval_dir = evaluate(str(stage_dir), str(path), split=split, out=str(folder / f"{prefix}_{mode}"),
                             n_boot=n_boot, gradcam=0, latency_runs=latency_runs).parent
         sidecar = _sidecar(cfg, stage_dir, path, mode, eval_dir, blob)
+        if mode == "int8":
+            sidecar["hard_swish"] = int8_hard_swish
         write_json(folder / f"{mode}.json", sidecar)
     # The table covers every mode converted in this folder so far, so runs with different --modes add up.
     import json
@@ -470,6 +488,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--latency-runs", type=int, default=50)
     parser.add_argument("--split", choices=("holdout", "val"), default="holdout",
                         help="where to score the models (sweeps select on val)")
+    parser.add_argument("--int8-hard-swish", choices=("fused", "mul"), default="fused",
+                        help="int8 (post-training): fused = one HARD_SWISH op (TFLite-Micro: smallest arena); "
+                             "mul = MUL/ADD, the whole graph in one XNNPACK partition (phones, Pis, x86)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from melanoma_tf.evaluate import EvaluationError
@@ -478,7 +499,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         folder = quantize_run(args.run, tuple(m.strip() for m in args.modes.split(",") if m.strip()),
                               args.qat_epochs, args.qat_lr, args.representative, args.bootstrap, args.latency_runs,
-                              args.split)
+                              args.split, args.int8_hard_swish)
     except (cfgmod.ConfigError, EvaluationError, datamod.DataError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
