@@ -21,7 +21,8 @@ def test_plan_trains_students_on_one_split_and_distils_from_the_ensemble(tmp_pat
                     100)
     assert [s.name for s in steps] == ["teacher", "student_seed1", "student_seed2", "student_seed3",
                                        "distill_seed1", "distill_seed2", "distill_seed3", "quantize",
-                                       "int8_on_validation", "qat_on_validation", "baselines"]
+                                       "int8_on_validation", "qat_on_validation", "tiny_student", "tiny_quantize",
+                                       "baselines"]
     argv = {s.name: " ".join(s.argv) for s in steps}
     assert "data.image_size=224" in argv["teacher"] and "stages=[teacher]" in argv["teacher"]
     assert "seed=2" in argv["student_seed2"] and "data.root=/data" in argv["student_seed2"]
@@ -29,6 +30,9 @@ def test_plan_trains_students_on_one_split_and_distils_from_the_ensemble(tmp_pat
               f"{tmp_path / 'student_seed2'}, {tmp_path / 'student_seed3'}]"
     assert members in argv["distill_seed1"] and members in argv["distill_seed3"]
     assert "seed=3" in argv["distill_seed3"]
+    # the edge-class student: its own config, the same teacher ensemble, quantized to int8
+    assert "distill_mobilenetv3_tiny.yaml" in argv["tiny_student"] and members in argv["tiny_student"]
+    assert f"--run {tmp_path / 'tiny_student'}" in argv["tiny_quantize"] and "fp32,int8" in argv["tiny_quantize"]
     assert "--modes fp32,fp16,int8,qat" in argv["quantize"] and "--qat-epochs 3" in argv["quantize"]
     assert f"--run {tmp_path / 'distill_seed1'}" in argv["quantize"]
     assert f"--run {tmp_path / 'distill_seed1'}" in argv["baselines"]  # baselines use the distilled run's split
@@ -46,7 +50,7 @@ def test_plan_trains_students_on_one_split_and_distils_from_the_ensemble(tmp_pat
 def test_dry_run_prints_the_commands():
     out = subprocess.run([sys.executable, str(REPO / "tools" / "reference_run.py"), "--dry-run", "--seeds", "1"],
                          capture_output=True, text=True, cwd=REPO, check=True).stdout
-    assert out.count("melanoma_tf.train") == 3 and "melanoma_tf.quantize" in out
+    assert out.count("melanoma_tf.train") == 4 and "melanoma_tf.quantize" in out
 
 
 def _evaluation(folder, auc, spec, size=1.0, logits=None, external=None, val_auc=None):
@@ -79,6 +83,9 @@ def test_assemble_writes_the_results_folder_and_checks_the_targets(tmp_path):
     _evaluation(tflite / "eval_qat", 0.93, 0.71, 1.2, external=0.76)
     _evaluation(tflite / "eval_int8", 0.92, 0.70, 1.2, external=0.75)
     _evaluation(tflite / "eval_fp16", 0.925, 0.70, 1.9, external=0.75)
+    _evaluation(out / "tiny_student" / "tflite" / "eval_int8", 0.915, 0.66, 0.45, external=0.74)
+    (out / "tiny_student" / "tflite" / "int8.json").write_text(json.dumps({"size_bytes": 470_000,
+                                                                          "tflm_arena_bytes": 300_000}))
     (tflite / "fp16.tflite").write_bytes(b"TFL3" + bytes(150))
     (tflite / "fp16.json").write_text(json.dumps({"model": "fp16.tflite", "threshold": 0.35,
                                                   "source_run": "/machine/path/distill_seed1"}))
@@ -98,6 +105,10 @@ def test_assemble_writes_the_results_folder_and_checks_the_targets(tmp_path):
     assert met["int8 isic2017 ROC-AUC"]["met"]  # 0.76 >= 0.75
     gap = next(t for t in summary["targets"] if "int8 vs float" in t["target"])
     assert gap["value"] == pytest.approx(0.005) and gap["met"]
+    # tiny student: 459 KB <= 512 met, arena 293 KB > 256 not met, 0.915 - 0.93 = -0.015 >= -0.02 met
+    assert met["tiny student int8 flatbuffer, KB"]["met"] and not met["tiny student TFLite-Micro arena, KB"]["met"]
+    assert met["tiny minus shipped int8, holdout ROC-AUC"]["value"] == pytest.approx(-0.015)
+    assert met["tiny minus shipped int8, holdout ROC-AUC"]["met"]
     teacher = next(t for t in summary["targets"] if t["target"].startswith("teacher minus"))
     assert teacher["value"] == pytest.approx(0.03) and teacher["met"]
     # distilled minus no-KD per seed: holdout +0.035, +0.01, +0.01; isic2017 +0.04, -0.01, +0.02

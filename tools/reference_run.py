@@ -15,6 +15,7 @@ printed is ``reference: <results folder>``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import subprocess
@@ -39,6 +40,9 @@ class Step:
     name: str
     argv: list[str]
     done: Path  # exists once the step has finished
+
+
+TINY_CONFIG = "distill_mobilenetv3_tiny.yaml"
 
 
 def plan(config: Path, overrides: list[str], out: Path, teacher_size: int, seeds: list[int],
@@ -78,6 +82,15 @@ def plan(config: Path, overrides: list[str], out: Path, teacher_size: int, seeds
                                                          "--out", str(first / "tflite" / f"eval_val_{mode}"),
                                                          "--gradcam", "0", "--bootstrap", "200"],
                           first / "tflite" / f"eval_val_{mode}" / "metrics.json"))
+    # The edge-class student (configs/distill_mobilenetv3_tiny.yaml): width 0.5, 128 px, the same teacher ensemble.
+    tiny = out / "tiny_student"
+    steps.append(Step("tiny_student", py + ["melanoma_tf.train", "--config", str(config.parent / TINY_CONFIG),
+                                            "--set", f"distill.teacher=[{', '.join(members)}]",
+                                            "--set", "output.evaluate=true", "--run-dir", str(tiny)],
+                      tiny / "eval_holdout" / "metrics.json"))
+    steps.append(Step("tiny_quantize", py + ["melanoma_tf.quantize", "--run", str(tiny), "--modes", "fp32,int8",
+                                             "--bootstrap", str(bootstrap)],
+                      tiny / "tflite" / "int8.json"))
     steps.append(Step("baselines", py + ["melanoma_tf.baselines"] + base +
                       ["--set", f"output.dir={out}", "--set", "output.name=baselines", "--run", str(first),
                        "--bootstrap", str(bootstrap)],
@@ -123,9 +136,11 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
-def _shipped_evaluation(eval_dir: Path, model_name: str, run_name: str) -> dict:
+def _shipped_evaluation(eval_dir: Path, model_name: str, run_name: str, model_file: Path) -> dict:
     """An evaluation of a shipped model, named by its file in results/ (no path of this machine)."""
     evaluation = json.loads((eval_dir / "metrics.json").read_text())
+    # evaluate records which file it scored; an evaluation from before it did is of the file quantize wrote
+    evaluation.setdefault("model_sha256", hashlib.sha256(model_file.read_bytes()).hexdigest())
     evaluation.update(model=model_name, model_file=model_name, run=run_name)
     return evaluation
 
@@ -147,6 +162,8 @@ def assemble(out: Path, results: Path, seeds: list[int], timings: dict, command:
     evaluations["distilled student QAT int8 (TFLite)"] = first / "tflite" / "eval_qat"
     evaluations["distilled student PTQ int8 (TFLite)"] = first / "tflite" / "eval_int8"
     evaluations["distilled student fp16 (TFLite)"] = first / "tflite" / "eval_fp16"
+    tiny_name = "tiny student int8 (TFLite, width 0.5, 128 px)"
+    evaluations[tiny_name] = out / "tiny_student" / "tflite" / "eval_int8"
     for name in ("logreg", "hgb", "rf"):
         if (baselines / name / "eval_holdout" / "metrics.json").is_file():
             evaluations[f"baseline {name}"] = baselines / name / "eval_holdout"
@@ -185,6 +202,17 @@ def assemble(out: Path, results: Path, seeds: list[int], timings: dict, command:
         ("distilled minus no-KD, holdout ROC-AUC (mean of seeds)", float(np.mean(gains["holdout"])), "> 0",
          float(np.mean(gains["holdout"])) > 0),
     ]
+    if tiny_name in metrics:
+        tiny = metrics[tiny_name]
+        tiny_sidecar = json.loads((out / "tiny_student" / "tflite" / "int8.json").read_text())
+        checks += [
+            ("tiny student int8 flatbuffer, KB", tiny_sidecar["size_bytes"] / 1024, "<= 512",
+             tiny_sidecar["size_bytes"] <= 512 * 1024),
+            ("tiny student TFLite-Micro arena, KB", (tiny_sidecar.get("tflm_arena_bytes") or 0) / 1024, "<= 256",
+             0 < (tiny_sidecar.get("tflm_arena_bytes") or 0) <= 256 * 1024),
+            ("tiny minus shipped int8, holdout ROC-AUC", tiny["roc_auc"] - qat["roc_auc"], ">= -0.02",
+             tiny["roc_auc"] - qat["roc_auc"] >= -0.02),
+        ]
     if qat_ext is not None:
         ext_ece = _external(qat, external, "ece_platt")
         checks += [
@@ -228,7 +256,8 @@ def assemble(out: Path, results: Path, seeds: list[int], timings: dict, command:
     sidecar["model"] = "student_int8.tflite"
     sidecar["source_run"] = f"{first.name} of {command}"
     write_json(results / "student_int8.json", sidecar)
-    write_json(results / "student_int8_eval.json", _shipped_evaluation(qat_eval, "student_int8.tflite", first.name))
+    write_json(results / "student_int8_eval.json", _shipped_evaluation(qat_eval, "student_int8.tflite", first.name,
+                                                                               first / "tflite" / f"{shipped}.tflite"))
     # The phone app runs the fp16 student: float arithmetic gives the same score in every runtime, while
     # int8 kernels (XNNPACK on x86 or WebAssembly, TFLite's reference ones) differ by several output steps.
     shutil.copyfile(first / "tflite" / "fp16.tflite", results / "student_fp16.tflite")
@@ -236,7 +265,8 @@ def assemble(out: Path, results: Path, seeds: list[int], timings: dict, command:
     sidecar.update(model="student_fp16.tflite", source_run=f"{first.name} of {command}")
     write_json(results / "student_fp16.json", sidecar)
     write_json(results / "student_fp16_eval.json",
-               _shipped_evaluation(first / "tflite" / "eval_fp16", "student_fp16.tflite", first.name))
+               _shipped_evaluation(first / "tflite" / "eval_fp16", "student_fp16.tflite", first.name,
+                                   first / "tflite" / "fp16.tflite"))
     shutil.copyfile(first / "splits.csv", results / "splits.csv")
 
     rows = []
