@@ -1,5 +1,7 @@
 // Vite builds the app into dist/: the page and its script, LiteRT.js's WebAssembly runtime
 // (copied from node_modules, never a CDN) and a service worker that precaches all of it.
+// package.json overrides rollup with its WebAssembly build: npm 11 writes a lockfile without the other
+// platforms' native rollup packages, and `npm ci` then refuses it ("Missing: @rollup/rollup-android-arm-eabi").
 import {createHash} from 'node:crypto';
 import {copyFileSync, mkdirSync, readdirSync, readFileSync, statSync, writeFileSync} from 'node:fs';
 import {dirname, join, relative, resolve} from 'node:path';

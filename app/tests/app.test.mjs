@@ -1,10 +1,12 @@
 // The app in a real browser (Debian's Chromium, headless): parity with Python, offline, privacy,
 // bad input, a damaged model, and the screenshots README shows.
 import assert from 'node:assert/strict';
-import {mkdirSync, readFileSync} from 'node:fs';
+import {mkdirSync, mkdtempSync, readFileSync} from 'node:fs';
+import {tmpdir} from 'node:os';
 import {join} from 'node:path';
 import {after, before, test} from 'node:test';
-import {APP, classify, expectedOutputs, launch, PHONE, startServer, waitReady} from './helpers.mjs';
+import {chromium} from 'playwright-core';
+import {APP, chromiumPath, classify, expectedOutputs, launch, PHONE, startServer, waitReady} from './helpers.mjs';
 
 const SCREENSHOTS = join(APP, 'screenshots');
 let server;
@@ -172,4 +174,22 @@ test('the built app carries its runtime and model: no CDN, no other origin in an
     assert.ok(sw.includes(`"${file}"`), `${file} not precached`);
   }
   assert.doesNotMatch(html, /https?:\/\/(?!www\.w3\.org)/);
+});
+
+test('Chromium can install it as an app (manifest, icons, service worker)', async () => {
+  // a persistent profile: Chromium never offers to install from an incognito-like context
+  const context = await chromium.launchPersistentContext(mkdtempSync(join(tmpdir(), 'app-profile-')),
+      {executablePath: chromiumPath(), args: ['--no-sandbox'], ...PHONE});
+  try {
+    const page = await context.newPage();
+    await page.goto(server.url);
+    assert.equal(await waitReady(page), 'ready');
+    await page.evaluate(async () => navigator.serviceWorker.ready);
+    const cdp = await context.newCDPSession(page);
+    const manifest = await cdp.send('Page.getAppManifest');
+    assert.deepEqual(manifest.errors, []);
+    assert.deepEqual((await cdp.send('Page.getInstallabilityErrors')).installabilityErrors, []);
+  } finally {
+    await context.close();
+  }
 });
