@@ -32,6 +32,7 @@ from sklearn.preprocessing import StandardScaler
 from melanoma_tf import config as cfgmod
 from melanoma_tf import data as datamod
 from melanoma_tf import metrics as M
+from melanoma_tf.cli import run_main
 from melanoma_tf.config import ConfigError
 from melanoma_tf.files import write_atomic, write_json
 
@@ -133,7 +134,7 @@ def run_baselines(cfg, run_dir: Optional[str] = None, names: tuple[str, ...] = (
     """Trains and scores the baselines; returns the output folder."""
     from melanoma_tf import plots, report
     from melanoma_tf.evaluate import EXTERNAL_KEYS, binary_report, external_frame, load_images
-    from melanoma_tf.train import new_run_dir, prepare_data
+    from melanoma_tf.runs import new_run_dir, prepare_data
 
     data = prepare_data(cfg)
     frame = data.frame
@@ -217,7 +218,7 @@ def run_baselines(cfg, run_dir: Optional[str] = None, names: tuple[str, ...] = (
 
 
 def _stage_dir(run_dir: Path) -> Path:
-    from melanoma_tf.evaluate import resolve_stage_dir
+    from melanoma_tf.runs import resolve_stage_dir
 
     return resolve_stage_dir(run_dir)
 
@@ -230,16 +231,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--models", default="logreg,hgb,rf")
     parser.add_argument("--bootstrap", type=int, default=1000)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = cfgmod.load(args.config, args.overrides)
-        out = run_baselines(cfg, args.run, tuple(m.strip() for m in args.models.split(",") if m.strip()),
-                            args.bootstrap)
-    except (ConfigError, datamod.DataError, FileNotFoundError, M.MetricError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"run: {out}", flush=True)
-    return 0
+    return run_main(lambda: "run: " + str(run_baselines(
+        cfgmod.load(args.config, args.overrides), args.run,
+        tuple(m.strip() for m in args.models.split(",") if m.strip()), args.bootstrap)))
 
 
 if __name__ == "__main__":

@@ -22,12 +22,13 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from melanoma_tf.errors import MelanomaTfError
 from melanoma_tf.files import write_atomic
 
 STAGES = ("teacher", "student", "distill")
 
 
-class ConfigError(ValueError):
+class ConfigError(MelanomaTfError, ValueError):
     """A configuration key is unknown, mistyped or out of range."""
 
 

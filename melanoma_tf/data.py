@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
+from melanoma_tf.errors import MelanomaTfError
 from melanoma_tf.files import write_atomic, write_json
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ SPLITS = ("train", "val", "holdout")
 _SPLIT_RESOLUTION = 20
 
 
-class DataError(ValueError):
+class DataError(MelanomaTfError, ValueError):
     """The metadata or the image folders are not usable; the message names the file/row."""
 
 
@@ -400,3 +401,15 @@ def read_split_manifest(path: str | os.PathLike) -> pd.DataFrame:
         row = int(np.flatnonzero(bad.to_numpy())[0])
         raise DataError(f"{path}: row {row + 2}: unknown split {frame['split'].iloc[row]!r}")
     return frame
+
+
+@dataclass
+class PreparedData:
+    """Usable images with their split, plus what the reader found."""
+
+    frame: pd.DataFrame  # image_id, lesion_id, label, path, split, metadata columns
+    label_names: list[str]
+    summary: dict
+
+    def part(self, split: str) -> pd.DataFrame:
+        return self.frame[self.frame["split"] == split].reset_index(drop=True)

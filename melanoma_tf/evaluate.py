@@ -29,54 +29,20 @@ import pandas as pd
 from melanoma_tf import config as cfgmod
 from melanoma_tf import data as datamod
 from melanoma_tf import metrics as M
-from melanoma_tf.config import Config, ConfigError
+from melanoma_tf.cli import run_main
+from melanoma_tf.errors import MelanomaTfError
 from melanoma_tf.files import write_atomic, write_json
-from melanoma_tf.tflite import FlatbufferError
+from melanoma_tf.pipeline import load_images  # noqa: F401 - part of this module's interface
+from melanoma_tf.runs import resolve_stage_dir, split_frame  # noqa: F401 - part of this module's interface
 
 log = logging.getLogger("melanoma_tf.evaluate")
 
 
-class EvaluationError(ValueError):
+class EvaluationError(MelanomaTfError, ValueError):
     """The run, model or data given to evaluate cannot be used; the message names it."""
 
 
 # --------------------------------------------------------------------------- inputs
-
-
-def resolve_stage_dir(run_dir: str | Path) -> Path:
-    """The folder holding model.keras: the run itself, or the last stage of a chained run."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise EvaluationError(f"--run {run_dir}: not a run folder (no config.yaml)")
-    if (run_dir / "model.keras").is_file():
-        return run_dir
-    cfg = cfgmod.load(run_dir / "config.yaml")
-    for stage in reversed(cfg.stages):
-        if (run_dir / stage / "model.keras").is_file():
-            return run_dir / stage
-    raise EvaluationError(f"--run {run_dir}: no model.keras in the run or its stage folders")
-
-
-def split_frame(cfg: Config, stage_dir: Path, split: str) -> pd.DataFrame:
-    """Rows of one split of the run's manifest, with image paths and metadata columns."""
-    manifest = datamod.read_split_manifest(stage_dir / "splits.csv")
-    from melanoma_tf.train import dataset_root
-
-    root = dataset_root(cfg)
-    metadata = datamod.read_metadata(Path(cfg.data.metadata) if Path(cfg.data.metadata).is_absolute()
-                                     else root / cfg.data.metadata)
-    files = datamod.find_images(root, cfg.data.image_dirs)
-    part = manifest[manifest["split"] == split]
-    if part.empty:
-        raise EvaluationError(f"{stage_dir / 'splits.csv'}: no image in split {split!r}")
-    missing = [i for i in part["image_id"] if i not in files]
-    if missing:
-        raise EvaluationError(f"{len(missing)} images of the {split} split are no longer under {root} "
-                              f"(first: {missing[0]})")
-    extra = metadata.drop(columns=["lesion_id"]).set_index("image_id")
-    frame = part.join(extra, on="image_id")
-    frame["path"] = [str(files[i]) for i in frame["image_id"]]
-    return frame.reset_index(drop=True)
 
 
 def external_frame(images_dir: str | Path, labels_csv: str | Path, label_mode: str = "binary") -> pd.DataFrame:
@@ -110,14 +76,6 @@ def external_frame(images_dir: str | Path, labels_csv: str | Path, label_mode: s
     if "lesion_id" not in table.columns:
         table["lesion_id"] = table["image_id"]
     return table.reset_index(drop=True)
-
-
-def load_images(paths: list[str], image_size: int, batch_size: int = 64) -> np.ndarray:
-    """Decodes and resizes images exactly as the training pipeline does (float32, [0, 255])."""
-    from melanoma_tf.pipeline import make_dataset
-
-    ds = make_dataset(paths, np.zeros(len(paths)), image_size, batch_size, cache="none")
-    return np.concatenate([x.numpy() for x, _, _ in ds]) if paths else np.zeros((0, image_size, image_size, 3))
 
 
 @dataclass
@@ -454,21 +412,16 @@ def configure_threads(threads: int) -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not 0 < args.target_sensitivity <= 1:
-        print("error: --target-sensitivity must be in (0, 1]", file=sys.stderr)
-        return 2
-    configure_threads(args.threads)
-    try:
-        report_path = evaluate(args.run, args.model, args.split, args.images, args.labels, args.out,
-                               args.target_sensitivity, args.refer_fraction, args.bootstrap, args.gradcam,
-                               args.latency_runs, args.seed)
-    except (EvaluationError, ConfigError, datamod.DataError, M.MetricError, FileNotFoundError,
-            FlatbufferError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"report: {report_path}", flush=True)
-    return 0
+
+    def work() -> str:
+        if not 0 < args.target_sensitivity <= 1:
+            raise EvaluationError("--target-sensitivity must be in (0, 1]")
+        configure_threads(args.threads)
+        return "report: " + str(evaluate(args.run, args.model, args.split, args.images, args.labels, args.out,
+                                         args.target_sensitivity, args.refer_fraction, args.bootstrap,
+                                         args.gradcam, args.latency_runs, args.seed))
+
+    return run_main(work)
 
 
 if __name__ == "__main__":

@@ -36,8 +36,10 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from .files import write_atomic, write_json
-from .tflite import FlatbufferError, verify_model_file
+from melanoma_tf.cli import run_main
+from melanoma_tf.errors import MelanomaTfError
+from melanoma_tf.files import write_atomic, write_json
+from melanoma_tf.tflite import verify_model_file
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,7 @@ DEFAULT_TRAINED_ON = ("HAM10000: dermoscopy images of pigmented skin lesions fro
                       "(Austria) and Queensland (Australia), mostly of people with light skin")
 
 
-class ExportError(ValueError):
+class ExportError(MelanomaTfError, ValueError):
     """The model, its sidecar or its evaluation cannot be exported; the message names the file."""
 
 
@@ -220,7 +222,7 @@ def export_app(model_path: str | Path, out_dir: str | Path, metrics: Optional[st
       The written paths.
 
     Raises:
-      ExportError, FlatbufferError: naming the file that is wrong.
+      ExportError, melanoma_tf.tflite.FlatbufferError: naming the file that is wrong.
     """
     model_path, out_dir = Path(model_path), Path(out_dir)
     sidecar = verify_model_file(model_path)
@@ -268,15 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        paths = export_app(args.model, args.out, args.metrics, args.trained_on)
-    except (ExportError, FlatbufferError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    for path in paths:
-        print(f"wrote {path}", flush=True)
-    return 0
+    return run_main(lambda: "\n".join(f"wrote {path}" for path in
+                                      export_app(args.model, args.out, args.metrics, args.trained_on)))
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ def gradcam_gallery(model: keras.Model, frame: pd.DataFrame, probability: np.nda
     """
     from PIL import Image
 
-    from melanoma_tf.evaluate import load_images
+    from melanoma_tf.pipeline import load_images
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 from sklearn import metrics as skm
 
+from melanoma_tf.errors import MelanomaTfError
 
-class MetricError(ValueError):
+
+class MetricError(MelanomaTfError, ValueError):
     """The inputs cannot give the metric (e.g. only one class present)."""
 
 

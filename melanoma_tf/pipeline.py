@@ -191,3 +191,9 @@ def make_dataset(paths: list[str], labels: np.ndarray, image_size: int, batch_si
         return inputs, label, weight
 
     return ds.map(_pack, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+def load_images(paths: list[str], image_size: int, batch_size: int = 64) -> np.ndarray:
+    """Decodes and resizes images exactly as the training pipeline does (float32, [0, 255])."""
+    ds = make_dataset(paths, np.zeros(len(paths)), image_size, batch_size, cache="none")
+    return np.concatenate([x.numpy() for x, _, _ in ds]) if paths else np.zeros((0, image_size, image_size, 3))

@@ -35,6 +35,7 @@ import pandas as pd
 from melanoma_tf import config as cfgmod
 from melanoma_tf import data as datamod
 from melanoma_tf.backend import keras, tf
+from melanoma_tf.cli import run_main
 from melanoma_tf.files import write_atomic, write_json
 
 log = logging.getLogger("melanoma_tf.quantize")
@@ -171,7 +172,8 @@ def _convert(model: keras.Model, mode: str, representative: Optional[np.ndarray]
 
 def representative_images(cfg, stage_dir: Path, n: int = 200, seed: int = 0) -> np.ndarray:
     """Up to n training-split images (never validation or holdout), for calibration."""
-    from melanoma_tf.evaluate import load_images, split_frame
+    from melanoma_tf.pipeline import load_images
+    from melanoma_tf.runs import split_frame
 
     train = split_frame(cfg, stage_dir, "train")
     pick = np.random.default_rng(seed).permutation(len(train))[:n]
@@ -257,6 +259,39 @@ class _quiet_stderr:
 # --------------------------------------------------------------------------- QAT training
 
 
+def qat_teacher(cfg, stage_dir: Path) -> tuple[Optional[list[Path]], str]:
+    """Which teacher QAT distils from, by how the run was trained; and a line saying so.
+
+    - a teacher or student stage: no teacher (plain fine-tuning);
+    - ``kd``: the run's teacher(s) (``distill.teacher``, or the chained run's ``teacher`` stage);
+    - ``relational`` with a fixed teacher: that teacher, for logit KD (the relation terms need
+      the feature heads and memory banks, which QAT does not continue);
+    - ``relational`` with a mean teacher: the EMA teacher the run saved (``mean_teacher.keras``).
+
+    Raises:
+      ConfigError: a mean-teacher run that did not save its teacher, or a teacher file is missing.
+    """
+    from melanoma_tf.teachers import resolve_teacher_paths
+
+    stage = stage_dir.name if stage_dir.name in ("teacher", "student", "distill") else cfg.stages[-1]
+    if stage != "distill":
+        return None, "plain fine-tuning with the run's loss"
+    if cfg.distill.method == "relational" and cfg.relational.teacher_mode == "mean_teacher":
+        path = stage_dir / "mean_teacher.keras"
+        if not path.is_file():
+            raise cfgmod.ConfigError(f"{stage_dir}: a mean-teacher run without its teacher ({path.name}, saved by "
+                                     "training since this version): retrain it to quantize it with QAT")
+        return [path], "logit KD from the run's mean teacher (EMA of the student)"
+    files = (resolve_teacher_paths(cfg.distill.teacher) if cfg.distill.teacher
+             else [stage_dir.parent / "teacher" / "model.keras"])
+    missing = [str(f) for f in files if not Path(f).is_file()]
+    if missing:
+        raise cfgmod.ConfigError(f"{stage_dir}: the run's teacher is missing ({', '.join(missing)}); QAT distils "
+                                 "from it")
+    kind = "the relational run's fixed teacher" if cfg.distill.method == "relational" else "the run's teacher"
+    return [Path(f) for f in files], f"logit KD from {kind} ({', '.join(Path(f).name for f in files)})"
+
+
 def qat_finetune(student: keras.Model, cfg, stage_dir: Path, folder: Path, epochs: int, lr: float) -> keras.Model:
     """Quantization-aware fine-tuning of the student on the training split.
 
@@ -267,34 +302,34 @@ def qat_finetune(student: keras.Model, cfg, stage_dir: Path, folder: Path, epoch
     """
     from melanoma_tf import callbacks as cb
     from melanoma_tf.distiller import Distiller
-    from melanoma_tf.evaluate import split_frame
+    from melanoma_tf.runs import split_frame
     from melanoma_tf.pipeline import build_augmenter, class_weights, make_dataset
-    from melanoma_tf.teachers import cache_teacher_logits, load_teacher, resolve_teacher_paths, teacher_input_size
-    from melanoma_tf.train import PreparedData, _loss_fn
+    from melanoma_tf.teachers import cache_teacher_logits, load_teacher, teacher_input_size
+    from melanoma_tf.data import PreparedData
+    from melanoma_tf.runs import loss_for
 
+    folder.mkdir(parents=True, exist_ok=True)  # the teacher's logits are cached here first
     train, val = split_frame(cfg, stage_dir, "train"), split_frame(cfg, stage_dir, "val")
     binary = cfg.data.labels == "binary"
     weights = class_weights(train["label"].to_numpy(), 2 if binary else cfg.num_outputs)
-    loss_fn = _loss_fn(cfg, weights)
+    loss_fn = loss_for(cfg, weights)
     cached, alpha = None, 1.0
-    distilled = (stage_dir / "teacher_logits.npz").is_file() or stage_dir.name == "distill" or (
-        cfg.stages == ("distill",))
-    if distilled:
+    teacher_files, source = qat_teacher(cfg, stage_dir)
+    if teacher_files:
         teacher_logits_file = stage_dir / "teacher_logits.npz"
         data = PreparedData(pd.concat([train.assign(split="train"), val.assign(split="val")]), [], {})
-        if teacher_logits_file.is_file():
+        if teacher_logits_file.is_file():  # the run's own cached logits (logit KD with cached outputs)
             saved = np.load(teacher_logits_file)
             if list(saved["image_id"]) == train["image_id"].tolist():
                 cached = saved["logits"]
         if cached is None:
-            teacher_files = (resolve_teacher_paths(cfg.distill.teacher) if cfg.distill.teacher
-                             else [stage_dir.parent / "teacher" / "model.keras"])
             teacher_size = max(cfg.data.image_size, teacher_input_size(teacher_files))
             cached = cache_teacher_logits(load_teacher(teacher_files, teacher_size), data, cfg, folder,
                                           teacher_size, cfg.distill.teacher_tta)
-        alpha = cfg.distill.alpha
-        log.info("QAT continues distillation (alpha %.2f, T %.1f) from cached teacher logits", alpha,
-                 cfg.distill.temperature)
+        # A relational run's KL term is its logit KD (student loss + kl_weight * KD): the same balance here;
+        # its relation terms (CCD, CRP, ...) are not continued in QAT.
+        alpha = cfg.distill.alpha if cfg.distill.method == "kd" else 1.0 / (1.0 + cfg.relational.kl_weight)
+    log.info("QAT: %s (alpha %.2f, T %.1f)", source, alpha, cfg.distill.temperature)
     sample_weights = weights[train["label"].to_numpy()] if cfg.data.class_weight == "balanced" else None
     size, batch = cfg.data.image_size, cfg.train.batch_size
     train_ds = make_dataset(train["path"].tolist(), train["label"].to_numpy(), size, batch, binary=binary,
@@ -307,7 +342,6 @@ def qat_finetune(student: keras.Model, cfg, stage_dir: Path, folder: Path, epoch
     optimizer = keras.optimizers.Adam(lr)
     trainer = Distiller(qat, loss_fn, alpha=alpha, temperature=cfg.distill.temperature, labels=cfg.data.labels)
     trainer.compile(optimizer=optimizer)
-    folder.mkdir(parents=True, exist_ok=True)
     state = cb.load_state(folder)
     if state.get("epoch"):
         cb.restore_checkpoint(folder, state, qat, optimizer)
@@ -333,7 +367,8 @@ def quantize_run(run_dir: str | Path, modes: tuple[str, ...] = MODES, qat_epochs
     post-training int8 model writes hard-swish (see :func:`convert`).
     """
     from melanoma_tf import models
-    from melanoma_tf.evaluate import evaluate, resolve_stage_dir
+    from melanoma_tf.evaluate import evaluate
+    from melanoma_tf.runs import resolve_stage_dir
 
     unknown = [m for m in modes if m not in MODES]
     if unknown:
@@ -492,19 +527,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="int8 (post-training): fused = one HARD_SWISH op (TFLite-Micro: smallest arena); "
                              "mul = MUL/ADD, the whole graph in one XNNPACK partition (phones, Pis, x86)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from melanoma_tf.evaluate import EvaluationError
 
     # TFLite latencies use one interpreter thread; TensorFlow keeps its threads for QAT training.
-    try:
-        folder = quantize_run(args.run, tuple(m.strip() for m in args.modes.split(",") if m.strip()),
-                              args.qat_epochs, args.qat_lr, args.representative, args.bootstrap, args.latency_runs,
-                              args.split, args.int8_hard_swish)
-    except (cfgmod.ConfigError, EvaluationError, datamod.DataError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"tflite: {folder}", flush=True)
-    return 0
+    return run_main(lambda: "tflite: " + str(quantize_run(
+        args.run, tuple(m.strip() for m in args.modes.split(",") if m.strip()), args.qat_epochs, args.qat_lr,
+        args.representative, args.bootstrap, args.latency_runs, args.split, args.int8_hard_swish)))
 
 
 if __name__ == "__main__":

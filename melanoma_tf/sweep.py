@@ -43,8 +43,11 @@ import pandas as pd
 import yaml
 
 from melanoma_tf import config as cfgmod
+from melanoma_tf.cli import run_main
 from melanoma_tf.config import ConfigError
+from melanoma_tf.errors import TrialError
 from melanoma_tf.files import write_atomic
+from melanoma_tf.sweep_ray import run_with_ray
 
 log = logging.getLogger("melanoma_tf.sweep")
 # Validation scores of each (trial, fold) at its best epoch, summarised as mean +- std over folds.
@@ -191,7 +194,7 @@ def run_one(spec: SweepSpec, trial: dict[str, str], fold: int, root: Path, cwd: 
             command += ["--set", item]
         _run_logged(command, log_path, cwd, f"trial {trial_id(trial)} fold {fold} failed")
         if not metrics_file.is_file():
-            raise RuntimeError(f"trial {trial_id(trial)} fold {fold} wrote no metrics.json; see {log_path}")
+            raise TrialError(f"trial {trial_id(trial)} fold {fold} wrote no metrics.json; see {log_path}")
     metrics = json.loads(metrics_file.read_text())
     if "stages" in metrics:  # chained config: the last stage is the trial's model
         metrics = list(metrics["stages"].values())[-1]
@@ -219,7 +222,7 @@ def _run_logged(command: list[str], log_path: Path, cwd: Optional[str], failure:
     with open(log_path, "a") as handle:
         result = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, cwd=cwd)
     if result.returncode != 0:
-        raise RuntimeError(f"{failure}; see {log_path}")
+        raise TrialError(f"{failure}; see {log_path}")
 
 
 def _scored_on_val(spec: SweepSpec, folder: Path, log_path: Path, cwd: Optional[str]) -> dict[str, dict]:
@@ -332,9 +335,7 @@ def run_sweep(spec: SweepSpec) -> Path:
              max(spec.folds, 1), len(jobs), spec.backend)
     cwd = str(Path.cwd())  # relative paths in the overrides (data.root) mean the same for every worker
     if spec.backend == "ray":
-        from melanoma_tf.sweep_ray import run_with_ray
-
-        nested = run_with_ray(spec, jobs, root, cwd)
+        nested = run_with_ray(spec, jobs, root, lambda trial, fold: run_one(spec, trial, fold, root, cwd))
     else:
         with ThreadPoolExecutor(max_workers=spec.workers) as pool:  # each job is its own training process
             nested = list(pool.map(lambda job: run_one(spec, job[0], job[1], root, cwd), jobs))
@@ -351,15 +352,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override applied to every trial's config (e.g. data.root=...)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        spec = load_sweep(args.config, args.overrides)
-        root = run_sweep(spec)
-    except (ConfigError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"sweep: {root}", flush=True)
-    return 0
+    return run_main(lambda: f"sweep: {run_sweep(load_sweep(args.config, args.overrides))}")
 
 
 if __name__ == "__main__":

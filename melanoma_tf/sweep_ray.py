@@ -21,13 +21,24 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+from melanoma_tf.errors import TrialError
 
 log = logging.getLogger("melanoma_tf.sweep")
 
 
-def run_with_ray(spec, jobs: list[tuple[dict, int]], root: Path, cwd: str) -> list[list[dict]]:
-    """Runs the jobs as Ray Tune trials; returns each job's rows, in the order of ``jobs``."""
+def run_with_ray(spec, jobs: list[tuple[dict, int]], root: Path,
+                 run_job: Callable[[dict, int], list[dict]]) -> list[list[dict]]:
+    """Runs the jobs as Ray Tune trials; returns each job's rows, in the order of ``jobs``.
+
+    Args:
+      spec: the sweep (its ``ray`` settings, ``workers`` and ``name``).
+      jobs: (trial, fold) pairs.
+      root: the sweep folder (Ray's results go to ``root/ray_results``).
+      run_job: runs one (trial, fold) and returns its rows (the sweep's own runner, passed in so
+        this module does not import the sweep).
+    """
     try:
         import ray
         from ray import tune
@@ -35,8 +46,6 @@ def run_with_ray(spec, jobs: list[tuple[dict, int]], root: Path, cwd: str) -> li
         from melanoma_tf.config import ConfigError
 
         raise ConfigError("backend: ray needs Ray Tune: pip install 'melanoma_tf[ray]'") from None
-    from melanoma_tf.sweep import run_one
-
     settings = spec.ray
     address = settings.get("address")
     started_here = not ray.is_initialized()
@@ -51,7 +60,7 @@ def run_with_ray(spec, jobs: list[tuple[dict, int]], root: Path, cwd: str) -> li
 
     def trainable(config: dict) -> None:
         trial, fold = jobs[config["job"]]
-        rows = run_one(spec, trial, fold, root, cwd)
+        rows = run_job(trial, fold)
         node = ray.get_runtime_context().get_node_id()
         tune.report({"rows": [dict(row, node=node) for row in rows], "done": True})
 
@@ -67,7 +76,7 @@ def run_with_ray(spec, jobs: list[tuple[dict, int]], root: Path, cwd: str) -> li
         by_job: dict[int, list[dict]] = {}
         for result in results:
             if result.error is not None:
-                raise RuntimeError(f"a Ray trial failed: {result.error}")
+                raise TrialError(f"a Ray trial failed: {result.error}")
             by_job[int(result.config["job"])] = result.metrics["rows"]
     finally:
         if started_here:

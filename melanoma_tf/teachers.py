@@ -13,7 +13,7 @@ import numpy as np
 from melanoma_tf.config import Config, ConfigError
 
 if TYPE_CHECKING:
-    from melanoma_tf.train import PreparedData
+    from melanoma_tf.data import PreparedData
 
 log = logging.getLogger("melanoma_tf.train")
 

@@ -13,8 +13,10 @@ from typing import Optional
 
 import numpy as np
 
+from melanoma_tf.errors import MelanomaTfError
 
-class FlatbufferError(ValueError):
+
+class FlatbufferError(MelanomaTfError, ValueError):
     """A .tflite file is cut short, corrupted or not a flatbuffer; the message names the file."""
 
 

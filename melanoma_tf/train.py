@@ -19,8 +19,6 @@ import logging
 import math
 import subprocess
 import sys
-from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
@@ -29,102 +27,16 @@ import pandas as pd
 
 from melanoma_tf import config as cfgmod
 from melanoma_tf import data as datamod
-from melanoma_tf import synthetic
-from melanoma_tf.config import Config, ConfigError
+from melanoma_tf.cli import run_main
+from melanoma_tf.config import Config
+from melanoma_tf.data import PreparedData
 from melanoma_tf.files import write_json
+from melanoma_tf.runs import (dataset_root, find_resumable, loss_for, new_run_dir,  # noqa: F401 - re-exported
+                              prepare_data)
 from melanoma_tf.teachers import (cache_teacher_logits, load_teacher, resolve_teacher_paths,  # noqa: F401
                                   teacher_input_size)
 
 log = logging.getLogger("melanoma_tf.train")
-
-
-@dataclass
-class PreparedData:
-    """Usable images with their split, plus what the reader found."""
-
-    frame: pd.DataFrame  # image_id, lesion_id, label, path, split, metadata columns
-    label_names: list[str]
-    summary: dict
-
-    def part(self, split: str) -> pd.DataFrame:
-        return self.frame[self.frame["split"] == split].reset_index(drop=True)
-
-
-def dataset_root(cfg: Config) -> Path:
-    """``data.root``, or the built-in synthetic dataset (generated on first use)."""
-    if cfg.data.root:
-        return Path(cfg.data.root).expanduser()
-    syn = cfg.data.synthetic
-    params = dict(n_lesions=syn.n_lesions, melanoma_fraction=syn.melanoma_fraction,
-                  image_size=syn.image_size, second_image_fraction=syn.second_image_fraction, seed=cfg.data_seed)
-    folder = synthetic.default_dir(syn.dir, **params)
-    log.info("data.root is null: using the synthetic dataset in %s", folder)
-    return synthetic.generate(folder, **params)
-
-
-def prepare_data(cfg: Config) -> PreparedData:
-    """Reads the metadata and images, labels them and assigns the lesion-grouped split."""
-    d = cfg.data
-    lesions = datamod.load_lesion_data(dataset_root(cfg), d.metadata, d.image_dirs, d.labels,
-                                       d.on_missing, d.on_corrupt)
-    frame = lesions.frame
-    frame["split"] = datamod.lesion_grouped_split(frame, cfg.data_seed, d.holdout_fraction, d.val_fraction,
-                                                  d.folds, d.fold, d.holdout_source)
-    for split in ("train", "val") + (("holdout",) if d.holdout_source else ()):
-        labels = frame.loc[frame["split"] == split, "label"]
-        if labels.nunique() < 2:
-            raise datamod.DataError(f"the {split} split has only one class ({len(labels)} images); "
-                                    "more data or a different split fraction is needed")
-    return PreparedData(frame, lesions.label_names, lesions.summary())
-
-
-# --------------------------------------------------------------------------- run folders
-
-
-def new_run_dir(cfg: Config) -> Path:
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    base = Path(cfg.output.dir) / f"{cfg.output.name}-{stamp}"
-    run_dir, n = base, 1
-    while run_dir.exists():
-        n += 1
-        run_dir = base.with_name(f"{base.name}-{n}")
-    run_dir.mkdir(parents=True)
-    return run_dir
-
-
-def find_resumable(cfg: Config, explicit: Optional[str]) -> Path:
-    """The run folder to resume: the named one, or the newest of this config's name.
-
-    Raises:
-      ConfigError: no such run, or its saved config differs from this one.
-    """
-    if explicit:
-        run_dir = Path(explicit)
-        if not (run_dir / "config.yaml").is_file():
-            raise ConfigError(f"--resume {run_dir}: not a run folder (no config.yaml)")
-    else:
-        candidates = sorted(p for p in Path(cfg.output.dir).glob(f"{cfg.output.name}-*")
-                            if (p / "config.yaml").is_file())
-        if not candidates:
-            raise ConfigError(f"--resume: no earlier run named {cfg.output.name!r} in {cfg.output.dir}")
-        run_dir = candidates[-1]
-    saved = cfgmod.load(run_dir / "config.yaml")
-    if cfgmod.fingerprint(saved) != cfgmod.fingerprint(cfg):
-        old, new = _flatten(cfgmod.to_dict(saved)), _flatten(cfgmod.to_dict(cfg))
-        diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and not k.startswith("output.")
-                and k != "train.verbose"]
-        raise ConfigError(f"--resume {run_dir}: the config differs from the run's in {diff}")
-    return run_dir
-
-
-def _flatten(values: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
 
 
 # --------------------------------------------------------------------------- one stage
@@ -143,7 +55,7 @@ def prepare_start_weights(model, stage: str, cfg: Config, train: pd.DataFrame) -
       paths), which the stage writes to ``start_weights.json`` and ``metrics.json``.
     """
     from melanoma_tf import pretrained
-    from melanoma_tf.evaluate import load_images
+    from melanoma_tf.pipeline import load_images
 
     model_cfg = cfg.teacher if stage == "teacher" else cfg.student
     weights = model_cfg.weights
@@ -201,14 +113,6 @@ def _optimizer(cfg: Config, lr: float, epochs: int, steps_per_epoch: int):
     return keras.optimizers.Adam(learning_rate=rate)
 
 
-def _loss_fn(cfg: Config, class_weights: np.ndarray):
-    from melanoma_tf import losses
-
-    return losses.student_loss(cfg.loss.name, cfg.data.labels, pos_weight=cfg.loss.pos_weight,
-                               gamma=cfg.loss.gamma, focal_alpha=cfg.loss.focal_alpha,
-                               class_weights=class_weights)
-
-
 def train_stage(stage: str, cfg: Config, data: PreparedData, folder: Path,
                 teacher_paths: Optional[list[Path]] = None, resume: bool = False) -> dict:
     """Trains one stage in ``folder`` and returns its metrics.
@@ -240,7 +144,7 @@ def train_stage(stage: str, cfg: Config, data: PreparedData, folder: Path,
     weights_per_class = class_weights(train["label"].to_numpy(), cfg.num_outputs if not binary else 2)
     sample_weights = (weights_per_class[train["label"].to_numpy()] if cfg.data.class_weight == "balanced"
                       else None)
-    loss_fn = _loss_fn(cfg, weights_per_class)
+    loss_fn = loss_for(cfg, weights_per_class)
     batch = cfg.train.batch_size
     size = cfg.data.image_size
 
@@ -290,7 +194,7 @@ def train_stage(stage: str, cfg: Config, data: PreparedData, folder: Path,
     if start_epoch:
         log.info("resuming stage %s from epoch %d (phase %s)", stage, start_epoch, state.get("phase"))
 
-    phase_start = 0
+    phase_start, trainer = 0, None
     for phase in _phases(stage, cfg):
         phase_end = phase_start + phase["epochs"]
         if start_epoch >= phase_end or state.get("stopped_phase") == phase["name"]:
@@ -343,6 +247,8 @@ def train_stage(stage: str, cfg: Config, data: PreparedData, folder: Path,
     if (folder / "best.weights.h5").is_file():
         student.load_weights(str(folder / "best.weights.h5"))
     models.save_model(student, folder / "model.keras")
+    if mean_teacher and trainer is not None:  # QAT of this run distils from it (quantize.qat_teacher)
+        models.save_model(trainer.ema, folder / "mean_teacher.keras")
     history = state.get("history", [])
     best = next((row for row in history if row["epoch"] == state.get("best_epoch")), history[-1] if history else {})
     result = {
@@ -451,18 +357,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
+
+    def work() -> str:
         cfg = cfgmod.load(args.config, args.overrides)
-        run_dir = run(cfg, resume=args.resume is not None, resume_dir=args.resume or None, run_dir=args.run_dir)
-    except (ConfigError, datamod.DataError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except subprocess.CalledProcessError as err:
-        print(f"error: evaluation failed: {' '.join(err.cmd)}", file=sys.stderr)
-        return 1
-    print(f"run: {run_dir}", flush=True)
-    return 0
+        return f"run: {run(cfg, resume=args.resume is not None, resume_dir=args.resume or None, run_dir=args.run_dir)}"
+
+    return run_main(work)
 
 
 if __name__ == "__main__":

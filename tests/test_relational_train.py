@@ -119,6 +119,27 @@ def test_relational_run_resume_and_relation_analysis(synthetic_root, tmp_path):
     T.run(cfg, run_dir=run_dir)
     assert len(pd.read_csv(run_dir / "history.csv")) == 2
 
+    # QAT of a mean-teacher run distils from the run's own EMA teacher, which training saves beside the
+    # student (it used to look for <run>/../teacher/model.keras, which such a run never writes)
+    from melanoma_tf import quantize as Q
+    from melanoma_tf.models import load_model as load
+
+    teacher_files, source = Q.qat_teacher(cfg, run_dir)
+    assert teacher_files == [run_dir / "mean_teacher.keras"] and "mean teacher" in source
+    ema = load(run_dir / "mean_teacher.keras")
+    assert ema.output_shape == (None, 7)
+    assert any(not np.allclose(a, b) for a, b in zip(ema.get_weights(), student.get_weights()))
+    qat = Q.qat_finetune(load(run_dir / "model.keras"), cfg, run_dir, tmp_path / "qat", epochs=1, lr=1e-4)
+    assert (tmp_path / "qat" / "teacher_logits.npz").is_file() and qat.output_shape == (None, 7)
+    (run_dir / "mean_teacher.keras").unlink()
+    with pytest.raises(ConfigError, match="mean-teacher run without its teacher"):
+        Q.qat_teacher(cfg, run_dir)
+    # a fixed-teacher relational run: QAT distils from that teacher, said so, not silently plain KD
+    fixed = C.replace(C.replace(cfg, "distill.teacher", (str(run_dir / "model.keras"),)),
+                      "relational.teacher_mode", "fixed")
+    teacher_files, source = Q.qat_teacher(fixed, run_dir)
+    assert teacher_files == [run_dir / "model.keras"] and "relational run's fixed teacher" in source
+
     from melanoma_tf import evaluate as E
 
     report = E.evaluate(str(run_dir), n_boot=10, gradcam=0, latency_runs=5)

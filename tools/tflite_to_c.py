@@ -14,7 +14,6 @@ TFLite runtime only to list the ops when the sidecar does not.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 import sys
