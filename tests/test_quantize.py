@@ -251,8 +251,11 @@ def test_int8_hard_swish_as_mul_keeps_the_graph_in_one_xnnpack_partition(tmp_pat
     paths = sorted((SHARED_HAM / "images").glob("*.jpg"))[:24]
     if len(paths) < 24:
         pytest.skip(f"real HAM10000 images not found at {SHARED_HAM}")
-    student = models.build_student(C.StudentConfig(weights=str(weights)), 64)
-    images = E.load_images([str(p) for p in paths], 64)
+    from melanoma_tf.backend import keras
+
+    keras.utils.set_random_seed(0)  # the logit layer on top of the ImageNet backbone is random
+    student = models.build_student(C.StudentConfig(weights=str(weights)), 48)
+    images = E.load_images([str(p) for p in paths], 48)
     float_logits = student(images, training=False).numpy()
     with hard_swish_form("mul"):
         np.testing.assert_allclose(student(images, training=False).numpy(), float_logits, rtol=1e-4, atol=1e-4)
@@ -266,7 +269,8 @@ def test_int8_hard_swish_as_mul_keeps_the_graph_in_one_xnnpack_partition(tmp_pat
     assert cost.delegate_partitions(files["mul"]) == 1
     fused, mul = (TFLiteModel(p).predict(images)[:, 0] for p in files.values())
     rmse = {form: float(np.sqrt(np.mean((z - float_logits[:, 0]) ** 2))) for form, z in (("fused", fused), ("mul", mul))}
-    # the price of the two extra int8 roundings: measured here 0.40 (fused) vs 0.82 (mul), logit sd 1.17
-    assert rmse["mul"] < 3 * rmse["fused"] and rmse["mul"] < np.std(float_logits)
+    # the price of the two extra int8 roundings, measured (seeds 0-2, 48 and 64 px): error 1.8-2.8x the fused
+    # form's, correlation with the float logits 0.70-0.90 (fused 0.86-0.98); a wrong formula would be far off
+    assert rmse["mul"] < 4 * rmse["fused"] and np.corrcoef(mul, float_logits[:, 0])[0, 1] > 0.6
     with pytest.raises(ValueError, match="hard-swish form 'gelu'"):
         Q.convert(student, "int8", images, hard_swish="gelu")
