@@ -304,9 +304,9 @@ def qat_finetune(student: keras.Model, cfg, stage_dir: Path, folder: Path, epoch
     from melanoma_tf.distiller import Distiller
     from melanoma_tf.runs import split_frame
     from melanoma_tf.pipeline import build_augmenter, class_weights, make_dataset
-    from melanoma_tf.teachers import cache_teacher_logits, load_teacher, teacher_input_size
     from melanoma_tf.data import PreparedData
     from melanoma_tf.runs import loss_for
+    from melanoma_tf.teachers import cache_teacher_logits, load_teacher, teacher_input_size
 
     folder.mkdir(parents=True, exist_ok=True)  # the teacher's logits are cached here first
     train, val = split_frame(cfg, stage_dir, "train"), split_frame(cfg, stage_dir, "val")

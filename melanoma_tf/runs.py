@@ -21,7 +21,7 @@ from melanoma_tf.config import Config, ConfigError
 from melanoma_tf.data import PreparedData
 from melanoma_tf.errors import MelanomaTfError
 
-log = logging.getLogger("melanoma_tf.train")
+log = logging.getLogger("melanoma_tf.train")  # these lines are part of a training run's log
 
 
 class RunError(MelanomaTfError, ValueError):
