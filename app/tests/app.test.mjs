@@ -6,7 +6,7 @@ import {tmpdir} from 'node:os';
 import {join} from 'node:path';
 import {after, before, test} from 'node:test';
 import {chromium} from 'playwright-core';
-import {APP, chromiumPath, classify, expectedOutputs, launch, PHONE, startServer, waitReady} from './helpers.mjs';
+import {APP, chromiumPath, classify, expectedOutputs, launch, NO_HAM, PHONE, startServer, waitReady} from './helpers.mjs';
 
 const SCREENSHOTS = join(APP, 'screenshots');
 let server;
@@ -24,7 +24,7 @@ after(async () => {
   await server?.close();
 });
 
-test('shows what Python shows for 20 HAM10000 images, asks for nothing off the device', async () => {
+test('shows what Python shows for 20 HAM10000 images, asks for nothing off the device', {skip: NO_HAM}, async () => {
   const expected = expected20();
   assert.equal(expected.length, 20);
   assert.ok(new Set(expected.map((e) => e.decision)).size >= 2, 'the images should give more than one decision');
@@ -73,7 +73,7 @@ test('shows what Python shows for 20 HAM10000 images, asks for nothing off the d
   await context.close();
 });
 
-test('works offline after the first visit', async () => {
+test('works offline after the first visit', {skip: NO_HAM}, async () => {
   const context = await browser.newContext(PHONE);
   const page = await context.newPage();
   let firstLoadBytes = 0;
@@ -112,7 +112,7 @@ test('works offline after the first visit', async () => {
   await context.close();
 });
 
-test('a file that is not an image, an undecodable one and a huge one get a message, not a crash', async () => {
+test('a file that is not an image, an undecodable one and a huge one get a message, not a crash', {skip: NO_HAM}, async () => {
   const context = await browser.newContext(PHONE);
   const page = await context.newPage();
   const errors = [];

@@ -9,7 +9,11 @@ import {preview} from 'vite';
 
 export const APP = resolve(dirname(fileURLToPath(import.meta.url)), '..');
 export const REPO = resolve(APP, '..');
-export const SHARED_HAM = resolve(REPO, '../shared/data/ham10000');
+// The shared HAM10000 subset, as the Python tests find it ($MELANOMA_TF_HAM10000 or ../shared).
+export const SHARED_HAM = process.env.MELANOMA_TF_HAM10000 || resolve(REPO, '../shared/data/ham10000');
+/** false, or why the tests that classify real images are skipped (as the Python tests skip). */
+export const NO_HAM = existsSync(join(SHARED_HAM, 'HAM10000_metadata.csv')) ? false
+  : `real HAM10000 data not found at ${SHARED_HAM} (set MELANOMA_TF_HAM10000)`;
 
 /** Debian's chromium (apt-get install chromium), or CHROMIUM=...; playwright downloads no browser. */
 export function chromiumPath() {
@@ -70,6 +74,6 @@ export function runPython(args) {
 /** Expected app outputs for n shared HAM10000 images, from the Python LiteRT interpreter. */
 export function expectedOutputs(n) {
   const out = join(mkdtempSync(join(tmpdir(), 'app-expected-')), 'expected.json');
-  runPython(['app/tests/expected_outputs.py', '--n', String(n), '--out', out]);
+  runPython(['app/tests/expected_outputs.py', '--n', String(n), '--data', SHARED_HAM, '--out', out]);
   return JSON.parse(readFileSync(out, 'utf8'));
 }
