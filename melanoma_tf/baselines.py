@@ -133,7 +133,8 @@ def run_baselines(cfg, run_dir: Optional[str] = None, names: tuple[str, ...] = (
                   n_boot: int = 1000, target_sensitivity: float = 0.95) -> Path:
     """Trains and scores the baselines; returns the output folder."""
     from melanoma_tf import plots, report
-    from melanoma_tf.evaluate import EXTERNAL_KEYS, binary_report, external_frame, load_images
+    from melanoma_tf.evaluate import EXTERNAL_KEYS, binary_report, external_frame
+    from melanoma_tf.pipeline import load_images
     from melanoma_tf.runs import new_run_dir, prepare_data
 
     data = prepare_data(cfg)

@@ -3,8 +3,8 @@
 ``EpochCheckpoint`` owns everything that must survive a kill: the model and
 optimizer checkpoint, the best weights, the early-stopping counters and the
 history. At the end of each epoch it writes, in this order, the checkpoint
-(numbered by epoch), the best weights if improved, ``state.json`` naming that
-checkpoint, and ``history.csv``; each file is written atomically, so a kill at
+(numbered by epoch), the best weights if improved, ``history.csv``, and ``state.json``
+naming that checkpoint (the commit point); each file is written atomically, so a kill at
 any point leaves the previous consistent state, and no completed epoch is lost.
 """
 
@@ -115,8 +115,10 @@ class EpochCheckpoint(keras.callbacks.Callback):
         path = self.manager.save(checkpoint_number=epoch + 1)
         state.update(epoch=epoch + 1, phase=self.phase, checkpoint=Path(path).name)
         state.setdefault("history", []).append(row)
-        write_json(self.folder / "state.json", state)
+        # history.csv is derived from state.json, which is written last: whoever sees a new state.json
+        # (a resume, a watcher) also sees the history up to that epoch.
         write_atomic(self.folder / "history.csv", history_csv(state["history"]))
+        write_json(self.folder / "state.json", state)
         if self.patience and state["wait"] >= self.patience:
             log.info("early stopping: %s has not improved for %d epochs (best %.4f at epoch %d)",
                      MONITOR, state["wait"], state["best"], state["best_epoch"])

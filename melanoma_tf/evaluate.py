@@ -32,8 +32,8 @@ from melanoma_tf import metrics as M
 from melanoma_tf.cli import run_main
 from melanoma_tf.errors import MelanomaTfError
 from melanoma_tf.files import write_atomic, write_json
-from melanoma_tf.pipeline import load_images  # noqa: F401 - part of this module's interface
-from melanoma_tf.runs import resolve_stage_dir, split_frame  # noqa: F401 - part of this module's interface
+from melanoma_tf.pipeline import load_images
+from melanoma_tf.runs import resolve_stage_dir, split_frame
 
 log = logging.getLogger("melanoma_tf.evaluate")
 

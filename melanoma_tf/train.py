@@ -31,8 +31,7 @@ from melanoma_tf.cli import run_main
 from melanoma_tf.config import Config
 from melanoma_tf.data import PreparedData
 from melanoma_tf.files import write_json
-from melanoma_tf.runs import (dataset_root, find_resumable, loss_for, new_run_dir,  # noqa: F401 - re-exported
-                              prepare_data)
+from melanoma_tf.runs import find_resumable, loss_for, new_run_dir, prepare_data
 from melanoma_tf.teachers import (cache_teacher_logits, load_teacher, resolve_teacher_paths,  # noqa: F401
                                   teacher_input_size)
 

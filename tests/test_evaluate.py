@@ -12,7 +12,9 @@ from conftest import REPO, tiny_overrides
 from melanoma_tf import config as C
 from melanoma_tf import evaluate as E
 from melanoma_tf import metrics as M
+from melanoma_tf import runs
 from melanoma_tf import train as T
+from melanoma_tf.pipeline import load_images
 
 BINARY_KEYS = {"roc_auc", "roc_auc_ci", "pr_auc", "threshold", "sensitivity", "specificity", "ppv", "npv", "f1",
                "ece", "ece_calibrated", "params", "flops", "size_mb", "latency_ms_median", "n_images"}
@@ -51,8 +53,8 @@ def test_evaluate_run_holdout(tiny_run, capsys):
     from melanoma_tf.models import load_model
 
     cfg = C.load(tiny_run / "config.yaml")
-    val = E.split_frame(cfg, tiny_run, "val")
-    p_val = M.sigmoid(load_model(tiny_run / "model.keras").predict(E.load_images(val["path"].tolist(), 32),
+    val = runs.split_frame(cfg, tiny_run, "val")
+    p_val = M.sigmoid(load_model(tiny_run / "model.keras").predict(load_images(val["path"].tolist(), 32),
                                                                    verbose=0).ravel())
     assert metrics["threshold"] == pytest.approx(M.threshold_for_sensitivity(val["label"], p_val, 0.95), rel=1e-5)
     assert metrics["threshold_source"] == "validation"
@@ -91,8 +93,8 @@ def colour_model(tiny_run, path):
     from melanoma_tf.models import save_model
 
     cfg = C.load(tiny_run / "config.yaml")
-    train = E.split_frame(cfg, tiny_run, "train")
-    x = E.load_images(train["path"].tolist(), 32)
+    train = runs.split_frame(cfg, tiny_run, "train")
+    x = load_images(train["path"].tolist(), 32)
     keras.utils.set_random_seed(0)
     inputs = keras.Input((32, 32, 3))
     h = keras.layers.Rescaling(1 / 255.0)(inputs)

@@ -15,7 +15,9 @@ from melanoma_tf import config as C
 from melanoma_tf import data as D
 from melanoma_tf import evaluate as E
 from melanoma_tf import metrics as M
+from melanoma_tf import runs
 from melanoma_tf import train as T
+from melanoma_tf.pipeline import load_images
 
 
 def _frame(n_lesions=120, seed=0):
@@ -115,11 +117,11 @@ def test_mobilenet_v2_teacher_head_then_finetune_and_cached_logits_at_its_size(s
     assert teacher_input_size([teacher_file]) == 48
     distill = T.run(C.replace(C.replace(cfg, "distill.teacher", (str(teacher_file),)), "stages", ("distill",)))
     cached = np.load(distill / "teacher_logits.npz")
-    data = T.prepare_data(cfg)
+    data = runs.prepare_data(cfg)
     train = data.part("train")
     assert list(cached["image_id"]) == train["image_id"].tolist()
     teacher = models.load_model(teacher_file)
-    images = E.load_images(train["path"].tolist()[:16], 48)
+    images = load_images(train["path"].tolist()[:16], 48)
     views = [teacher.predict(v, verbose=0) for v in (images, images[:, :, ::-1], images[:, ::-1], images[:, ::-1, ::-1])]
     np.testing.assert_allclose(cached["logits"][:16], np.mean(views, axis=0), rtol=1e-4, atol=1e-4)
 

@@ -11,10 +11,11 @@ import pytest
 
 from conftest import REPO, tiny_overrides
 from melanoma_tf import config as C
-from melanoma_tf import evaluate as E
 from melanoma_tf import quantize as Q
+from melanoma_tf import runs
 from melanoma_tf import synthetic
 from melanoma_tf import train as T
+from melanoma_tf.pipeline import load_images
 from melanoma_tf.tflite import TFLiteModel
 
 sys.path.insert(0, str(REPO / "tools"))
@@ -143,7 +144,7 @@ def test_c_array_round_trip_and_tflm_parity(trained_run, ptq_folder, tmp_path):
     model = ptq_folder / "int8.tflite"
     blob = model.read_bytes()
     cfg = C.load(trained_run / "config.yaml")
-    holdout = E.split_frame(cfg, trained_run, "holdout")
+    holdout = runs.split_frame(cfg, trained_run, "holdout")
     files = tflite_to_c.generate(model, tmp_path / "gen", Path(holdout["path"].iloc[0]))
     assert {f.name for f in files} == {"model_data.h", "model_data.cc", "test_image.h", "test_image.cc"}
     assert tflite_to_c.parse_c_array((tmp_path / "gen" / "model_data.cc").read_text(), "g_model_data") == blob
@@ -165,7 +166,7 @@ def test_c_array_round_trip_and_tflm_parity(trained_run, ptq_folder, tmp_path):
     arena = sidecar["tflm_arena_bytes"]
     micro = runtime.Interpreter.from_bytes(blob, arena_size=arena)
     lite = TFLiteModel(model, reference_kernels=True)  # TFLM implements the reference kernels' arithmetic
-    images = E.load_images(holdout["path"].tolist()[:12], 48)
+    images = load_images(holdout["path"].tolist()[:12], 48)
     for image in images:
         q = lite.quantize_input(image[None])
         micro.set_input(q, 0)
@@ -255,7 +256,7 @@ def test_int8_hard_swish_as_mul_keeps_the_graph_in_one_xnnpack_partition(tmp_pat
 
     keras.utils.set_random_seed(0)  # the logit layer on top of the ImageNet backbone is random
     student = models.build_student(C.StudentConfig(weights=str(weights)), 48)
-    images = E.load_images([str(p) for p in paths], 48)
+    images = load_images([str(p) for p in paths], 48)
     float_logits = student(images, training=False).numpy()
     with hard_swish_form("mul"):
         np.testing.assert_allclose(student(images, training=False).numpy(), float_logits, rtol=1e-4, atol=1e-4)

@@ -14,6 +14,7 @@ import pytest
 
 from conftest import REPO, tiny_overrides
 from melanoma_tf import config as C
+from melanoma_tf import runs
 from melanoma_tf import synthetic
 from melanoma_tf import train as T
 
@@ -99,13 +100,13 @@ def test_cli_errors_exit_nonzero_and_name_the_problem(tmp_path, synthetic_root):
 
 def test_resume_refuses_a_different_config(synthetic_root, tmp_path):
     cfg = C.from_dict({"data": {"root": str(synthetic_root)}, "output": {"dir": str(tmp_path), "name": "x"}})
-    run_dir = T.new_run_dir(cfg)
+    run_dir = runs.new_run_dir(cfg)
     C.save(cfg, run_dir / "config.yaml")
-    assert T.find_resumable(cfg, None) == run_dir
+    assert runs.find_resumable(cfg, None) == run_dir
     changed = C.replace(cfg, "train.lr", 0.5)
     with pytest.raises(C.ConfigError, match=r"train\.lr"):
-        T.find_resumable(changed, None)
-    assert T.find_resumable(C.replace(cfg, "train.verbose", 0), str(run_dir)) == run_dir
+        runs.find_resumable(changed, None)
+    assert runs.find_resumable(C.replace(cfg, "train.verbose", 0), str(run_dir)) == run_dir
 
 
 @pytest.mark.slow

@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     size = args.size
     calibration = np.random.default_rng(0).uniform(0, 255, (16, size, size, 3)).astype(np.float32)
     if args.calibration_images:
-        from melanoma_tf.evaluate import load_images
+        from melanoma_tf.pipeline import load_images
 
         files = sorted(p for p in Path(args.calibration_images).iterdir() if p.suffix.lower() in (".jpg", ".png"))
         calibration = load_images([str(p) for p in files[:64]], size)

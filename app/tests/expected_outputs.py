@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from melanoma_tf.evaluate import load_images
+from melanoma_tf.pipeline import load_images
 from melanoma_tf.export_app import decision, shown_probability
 from melanoma_tf.tflite import TFLiteModel, verify_model_file
 
