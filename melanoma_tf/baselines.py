@@ -32,9 +32,13 @@ from sklearn.preprocessing import StandardScaler
 from melanoma_tf import config as cfgmod
 from melanoma_tf import data as datamod
 from melanoma_tf import metrics as M
+from melanoma_tf import plots, report
 from melanoma_tf.cli import run_main
 from melanoma_tf.config import ConfigError
+from melanoma_tf.evaluation import EXTERNAL_KEYS, binary_report, external_frame
 from melanoma_tf.files import write_atomic, write_json
+from melanoma_tf.pipeline import load_images
+from melanoma_tf.runs import new_run_dir, prepare_data, resolve_stage_dir
 
 log = logging.getLogger("melanoma_tf.baselines")
 
@@ -132,11 +136,6 @@ def _latency(estimator, features: np.ndarray, extract, image: np.ndarray, runs: 
 def run_baselines(cfg, run_dir: Optional[str] = None, names: tuple[str, ...] = ("logreg", "hgb", "rf"),
                   n_boot: int = 1000, target_sensitivity: float = 0.95) -> Path:
     """Trains and scores the baselines; returns the output folder."""
-    from melanoma_tf import plots, report
-    from melanoma_tf.evaluate import EXTERNAL_KEYS, binary_report, external_frame
-    from melanoma_tf.pipeline import load_images
-    from melanoma_tf.runs import new_run_dir, prepare_data
-
     data = prepare_data(cfg)
     frame = data.frame
     if run_dir:
@@ -193,20 +192,8 @@ def run_baselines(cfg, run_dir: Optional[str] = None, names: tuple[str, ...] = (
         p_cal = M.sigmoid(M.logit(scores["holdout"]) / result["temperature"])
         figures = plots.binary_figures(eval_dir, test["label"].to_numpy(), scores["holdout"], p_cal,
                                        result["threshold"])
-        result["external"] = {}
-        for ext_name, (ext_frame, ext_features) in externals.items():
-            ext_scores = np.clip(estimator.predict_proba(ext_features)[:, 1], 1e-6, 1 - 1e-6)
-            ext_result = binary_report(parts["val"]["label"].to_numpy(), M.logit(scores["val"]),
-                                       ext_frame["label"].to_numpy(), M.logit(ext_scores),
-                                       ext_frame["lesion_id"].to_numpy(), target_sensitivity=target_sensitivity,
-                                       n_boot=n_boot, seed=cfg.seed)
-            ext_dir = eval_dir / "external" / ext_name
-            ext_dir.mkdir(parents=True, exist_ok=True)
-            write_atomic(ext_dir / "predictions.csv", ext_frame[["image_id", "lesion_id", "label"]].assign(
-                probability=ext_scores).to_csv(index=False))
-            write_json(ext_dir / "metrics.json", {**ext_result, "model_name": f"baseline_{name}", "split": "external"})
-            result["external"][ext_name] = {"folder": f"external/{ext_name}",
-                                            **{k: ext_result.get(k) for k in EXTERNAL_KEYS}}
+        result["external"] = _score_externals(estimator, externals, parts["val"]["label"].to_numpy(), scores["val"],
+                                              eval_dir, name, cfg.seed, target_sensitivity, n_boot)
         write_json(eval_dir / "metrics.json", result)
         buffer = io.BytesIO()
         pickle.dump(estimator, buffer)
@@ -218,9 +205,25 @@ def run_baselines(cfg, run_dir: Optional[str] = None, names: tuple[str, ...] = (
     return out_dir
 
 
-def _stage_dir(run_dir: Path) -> Path:
-    from melanoma_tf.runs import resolve_stage_dir
+def _score_externals(estimator, externals: dict, val_y: np.ndarray, val_scores: np.ndarray, eval_dir: Path, name: str,
+                     seed: int, target_sensitivity: float, n_boot: int) -> dict:
+    """Scores a fitted baseline on each external set at the validation-chosen threshold."""
+    summary = {}
+    for ext_name, (ext_frame, ext_features) in externals.items():
+        ext_scores = np.clip(estimator.predict_proba(ext_features)[:, 1], 1e-6, 1 - 1e-6)
+        ext_result = binary_report(val_y, M.logit(val_scores), ext_frame["label"].to_numpy(), M.logit(ext_scores),
+                                   ext_frame["lesion_id"].to_numpy(), target_sensitivity=target_sensitivity,
+                                   n_boot=n_boot, seed=seed)
+        ext_dir = eval_dir / "external" / ext_name
+        ext_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(ext_dir / "predictions.csv", ext_frame[["image_id", "lesion_id", "label"]].assign(
+            probability=ext_scores).to_csv(index=False))
+        write_json(ext_dir / "metrics.json", {**ext_result, "model_name": f"baseline_{name}", "split": "external"})
+        summary[ext_name] = {"folder": f"external/{ext_name}", **{k: ext_result.get(k) for k in EXTERNAL_KEYS}}
+    return summary
 
+
+def _stage_dir(run_dir: Path) -> Path:
     return resolve_stage_dir(run_dir)
 
 

@@ -13,6 +13,8 @@ from typing import Optional
 import numpy as np
 
 from melanoma_tf.backend import keras, tf
+from melanoma_tf.models import load_model
+from melanoma_tf.tflite import TFLiteModel, flatbuffer_counts
 
 
 def count_params(model: keras.Model) -> int:
@@ -84,8 +86,6 @@ def keras_latency(model: keras.Model, runs: int = 50, warmup: int = 5) -> dict:
 
 def tflite_latency(path: str | os.PathLike, runs: int = 50, warmup: int = 5, threads: int = 1) -> dict:
     """Batch-1 latency of a TFLite flatbuffer with ``threads`` interpreter threads."""
-    from melanoma_tf.tflite import TFLiteModel
-
     model = TFLiteModel(path, threads=threads)
     x = np.random.default_rng(0).uniform(0, 255, (1, *model.input_shape[1:])).astype(np.float32)
     for _ in range(warmup):
@@ -105,8 +105,6 @@ def delegate_partitions(path: str | os.PathLike) -> int:
     Every op XNNPACK cannot take (int8 HARD_SWISH, for one) runs on TFLite's own kernels between
     two partitions; each boundary costs a hand-over, so the count explains int8 latency on CPUs.
     """
-    from melanoma_tf.tflite import TFLiteModel
-
     model = TFLiteModel(path, threads=1)
     # Private API, the only one that lists the execution plan after delegation (no public equivalent).
     return sum(op["op_name"] == "DELEGATE" for op in model.interpreter._get_ops_details())
@@ -132,8 +130,6 @@ def model_cost(model_path: str | os.PathLike, keras_model: Optional[keras.Model]
         source = reference_keras
     else:
         if keras_model is None:
-            from melanoma_tf.models import load_model
-
             keras_model = load_model(path)
         result.update(keras_latency(keras_model, runs, warmup))
         result["runtime"] = "keras"
@@ -144,7 +140,5 @@ def model_cost(model_path: str | os.PathLike, keras_model: Optional[keras.Model]
         result["flops"] = count_macs(source)
         result["input_size"] = int(source.input_shape[1])
     elif path.suffix == ".tflite":  # no Keras model at hand: count from the flatbuffer itself
-        from melanoma_tf.tflite import flatbuffer_counts
-
         result.update(flatbuffer_counts(path))
     return result

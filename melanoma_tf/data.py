@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -20,6 +21,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
+from melanoma_tf.backend import tf
 from melanoma_tf.errors import MelanomaTfError
 from melanoma_tf.files import write_atomic, write_json
 
@@ -163,8 +165,6 @@ def find_unreadable_images(paths: list[str]) -> list[int]:
     Uses the decoder of the training pipeline, in parallel, so that whatever
     passes here also decodes during training.
     """
-    from melanoma_tf.backend import tf
-
     if not paths:
         return []
     indices = tf.data.Dataset.range(len(paths))
@@ -289,8 +289,6 @@ def _grouped_folds(labels: np.ndarray, groups: np.ndarray, n_splits: int, seed: 
     fold = np.full(len(labels), -1, dtype=np.int64)
     # StratifiedGroupKFold warns when a class has fewer members than folds; with
     # rare classes (df, vasc) that is expected and harmless here.
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         for index, (_, test) in enumerate(splitter.split(np.zeros(len(labels)), labels, groups)):

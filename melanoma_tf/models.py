@@ -8,11 +8,14 @@ seven for multiclass HAM10000).
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 from typing import Optional
 
+from melanoma_tf import pretrained
 from melanoma_tf.backend import keras, tf
 from melanoma_tf.config import ConfigError, StudentConfig, TeacherConfig
+from melanoma_tf.mobilenet_v3 import load_backbone_weights, mobilenet_v3_small  # registers HardSwish / HardSigmoid
 
 # ResNet50's residual blocks, bottom to top; "finetune the top N blocks" counts from the end.
 RESNET50_BLOCKS = tuple(
@@ -76,8 +79,6 @@ def _is_foreign_weights(weights: Optional[str]) -> bool:
 
 
 def _load_foreign_weights(model: keras.Model, weights: str, key: str) -> None:
-    from melanoma_tf import pretrained
-
     if weights.endswith(".tflite"):
         pretrained.load_tflite_weights(model, weights)
     elif Path(weights).is_dir():
@@ -189,8 +190,6 @@ def build_student(cfg: StudentConfig, image_size: int, num_outputs: int = 1) -> 
       image_size: input side.
       num_outputs: 1 (binary) or 7 (multiclass).
     """
-    from melanoma_tf.mobilenet_v3 import load_backbone_weights, mobilenet_v3_small
-
     weights = _resolve_weights(cfg.weights, "student.weights")
     image = keras.Input((image_size, image_size, 3), name="image")
     if cfg.arch == "densenet121":  # the CRCKD paper's self-distillation setting
@@ -224,10 +223,6 @@ def load_model(path: str | os.PathLike) -> keras.Model:
       FileNotFoundError: no such file.
       ModelFileError: the file is not a loadable Keras model; one line naming the file.
     """
-    import zipfile
-
-    from melanoma_tf import mobilenet_v3  # noqa: F401 - registers HardSwish / HardSigmoid for deserialisation
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model file not found: {path}")

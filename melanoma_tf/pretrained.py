@@ -24,9 +24,11 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 import numpy as np
+from ai_edge_litert.interpreter import Interpreter
 
 from melanoma_tf.backend import keras, tf
 from melanoma_tf.config import ConfigError
+from melanoma_tf.tflite import FlatbufferError, verify_flatbuffer
 
 log = logging.getLogger("melanoma_tf.pretrained")
 
@@ -59,10 +61,6 @@ def describe_weights(path: str | os.PathLike) -> dict:
 
 def _open_tflite(path: Path):
     """A LiteRT interpreter on ``path``, after the checks that keep a bad file from crashing it."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    from melanoma_tf.tflite import FlatbufferError, verify_flatbuffer
-
     if not path.is_file():
         raise WeightsError(f"{path}: weights file not found")
     try:

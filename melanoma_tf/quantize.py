@@ -24,7 +24,9 @@ from __future__ import annotations
 import argparse
 import gzip
 import hashlib
+import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -34,13 +36,24 @@ import pandas as pd
 
 from melanoma_tf import config as cfgmod
 from melanoma_tf import data as datamod
+from melanoma_tf import models
 from melanoma_tf.backend import keras, tf
 from melanoma_tf.cli import run_main
+from melanoma_tf.data import PreparedData
+from melanoma_tf.distill import QatPlan, method_for
+from melanoma_tf.distill.kd import Distiller
+from melanoma_tf.distill.teachers import teacher_logits
+from melanoma_tf.evaluation import evaluate
 from melanoma_tf.files import write_atomic, write_json
+from melanoma_tf.fit import Loop, Phase, fit_student, training_datasets
+from melanoma_tf.mobilenet_v3 import HardSigmoid, HardSwish, hard_swish_form
+from melanoma_tf.pipeline import class_weights, load_images
+from melanoma_tf.runs import loss_for, resolve_stage_dir, split_frame
+from melanoma_tf.tflite import TFLiteModel
 
 log = logging.getLogger("melanoma_tf.quantize")
 
-MODES = ("fp32", "fp16", "dynamic", "int8", "int16x8", "int4", "qat", "fp64")
+MODES = cfgmod.QUANT_MODES
 PHONE_BUDGET_MB = 25.0
 MCU_BUDGET_MB = 2.0
 
@@ -83,8 +96,6 @@ def output_quantize_config():
 
 def quantization_aware(student: keras.Model) -> keras.Model:
     """Wraps the student for QAT with TF-MOT; weights are kept, outputs match the float model before training."""
-    from melanoma_tf.mobilenet_v3 import HardSigmoid, HardSwish
-
     Q = _tfmot().quantization.keras
     config_cls = output_quantize_config()
     weightless = (HardSwish, HardSigmoid, keras.layers.Rescaling, keras.layers.Multiply)
@@ -136,8 +147,6 @@ def convert(model: keras.Model, mode: str, representative: Optional[np.ndarray] 
         for TFLite-Micro) or ``mul`` (MUL/ADD, one XNNPACK partition, for phones and Pis).
         QAT models keep ``fused``: their fake-quantization was trained on that graph.
     """
-    from melanoma_tf.mobilenet_v3 import hard_swish_form
-
     with hard_swish_form(hard_swish if mode == "int8" else "fused"):
         return _convert(model, mode, representative)
 
@@ -172,9 +181,6 @@ def _convert(model: keras.Model, mode: str, representative: Optional[np.ndarray]
 
 def representative_images(cfg, stage_dir: Path, n: int = 200, seed: int = 0) -> np.ndarray:
     """Up to n training-split images (never validation or holdout), for calibration."""
-    from melanoma_tf.pipeline import load_images
-    from melanoma_tf.runs import split_frame
-
     train = split_frame(cfg, stage_dir, "train")
     pick = np.random.default_rng(seed).permutation(len(train))[:n]
     return load_images(train["path"].iloc[np.sort(pick)].tolist(), cfg.data.image_size)
@@ -182,8 +188,6 @@ def representative_images(cfg, stage_dir: Path, n: int = 200, seed: int = 0) -> 
 
 def flatbuffer_details(path: Path) -> dict:
     """Input/output dtype and quantization of a flatbuffer, and its op list."""
-    from melanoma_tf.tflite import TFLiteModel
-
     model = TFLiteModel(path)
     inp, out = model._input, model._output
     return {"input_shape": list(model.input_shape), "input_dtype": np.dtype(inp["dtype"]).name,
@@ -240,16 +244,12 @@ class _quiet_stderr:
     """Silences file descriptor 2 (C++ logging) inside a with-block."""
 
     def __enter__(self):
-        import os
-
         sys.stderr.flush()
         self._saved = os.dup(2)
         self._null = os.open(os.devnull, os.O_WRONLY)
         os.dup2(self._null, 2)
 
     def __exit__(self, *exc):
-        import os
-
         os.dup2(self._saved, 2)
         os.close(self._saved)
         os.close(self._null)
@@ -259,98 +259,45 @@ class _quiet_stderr:
 # --------------------------------------------------------------------------- QAT training
 
 
-def qat_teacher(cfg, stage_dir: Path) -> tuple[Optional[list[Path]], str]:
-    """Which teacher QAT distils from, by how the run was trained; and a line saying so.
-
-    - a teacher or student stage: no teacher (plain fine-tuning);
-    - ``kd``: the run's teacher(s) (``distill.teacher``, or the chained run's ``teacher`` stage);
-    - ``relational`` with a fixed teacher: that teacher, for logit KD (the relation terms need
-      the feature heads and memory banks, which QAT does not continue);
-    - ``relational`` with a mean teacher: the EMA teacher the run saved (``mean_teacher.keras``).
+def qat_plan(cfg, stage_dir: Path) -> QatPlan:
+    """What QAT of the run in ``stage_dir`` continues with: the method that trained it says (:mod:`melanoma_tf.distill`).
 
     Raises:
       ConfigError: a mean-teacher run that did not save its teacher, or a teacher file is missing.
     """
-    from melanoma_tf.teachers import resolve_teacher_paths
+    stage = stage_dir.name if stage_dir.name in cfgmod.STAGES else cfg.stages[-1]
+    return method_for(stage, cfg).qat_plan(stage_dir)
 
-    stage = stage_dir.name if stage_dir.name in ("teacher", "student", "distill") else cfg.stages[-1]
-    if stage != "distill":
-        return None, "plain fine-tuning with the run's loss"
-    if cfg.distill.method == "relational" and cfg.relational.teacher_mode == "mean_teacher":
-        path = stage_dir / "mean_teacher.keras"
-        if not path.is_file():
-            raise cfgmod.ConfigError(f"{stage_dir}: a mean-teacher run without its teacher ({path.name}, saved by "
-                                     "training since this version): retrain it to quantize it with QAT")
-        return [path], "logit KD from the run's mean teacher (EMA of the student)"
-    files = (resolve_teacher_paths(cfg.distill.teacher) if cfg.distill.teacher
-             else [stage_dir.parent / "teacher" / "model.keras"])
-    missing = [str(f) for f in files if not Path(f).is_file()]
-    if missing:
-        raise cfgmod.ConfigError(f"{stage_dir}: the run's teacher is missing ({', '.join(missing)}); QAT distils "
-                                 "from it")
-    kind = "the relational run's fixed teacher" if cfg.distill.method == "relational" else "the run's teacher"
-    return [Path(f) for f in files], f"logit KD from {kind} ({', '.join(Path(f).name for f in files)})"
+
+def qat_teacher(cfg, stage_dir: Path) -> tuple[Optional[list[Path]], str]:
+    """The teacher file(s) QAT distils from (None: plain fine-tuning) and a line saying so."""
+    plan = qat_plan(cfg, stage_dir)
+    return plan.teacher_files, plan.description
 
 
 def qat_finetune(student: keras.Model, cfg, stage_dir: Path, folder: Path, epochs: int, lr: float) -> keras.Model:
-    """Quantization-aware fine-tuning of the student on the training split.
+    """Quantization-aware fine-tuning of the student on the training split; returns the QAT model.
 
-    If the run was distilled, distillation continues with the same alpha and
-    temperature, from cached teacher logits of the run's teacher; otherwise it
-    is plain fine-tuning with the run's student loss. Keeps the best epoch by
-    validation ROC-AUC; resumable like training (``folder/state.json``).
+    Continues what the run was trained with (:func:`qat_plan`): logit KD from its teacher's
+    cached logits with the run's balance, or plain fine-tuning with its loss. Keeps the best
+    epoch by validation ROC-AUC; resumable like training (``folder/state.json``).
     """
-    from melanoma_tf import callbacks as cb
-    from melanoma_tf.distiller import Distiller
-    from melanoma_tf.runs import split_frame
-    from melanoma_tf.pipeline import build_augmenter, class_weights, make_dataset
-    from melanoma_tf.data import PreparedData
-    from melanoma_tf.runs import loss_for
-    from melanoma_tf.teachers import cache_teacher_logits, load_teacher, teacher_input_size
-
     folder.mkdir(parents=True, exist_ok=True)  # the teacher's logits are cached here first
     train, val = split_frame(cfg, stage_dir, "train"), split_frame(cfg, stage_dir, "val")
-    binary = cfg.data.labels == "binary"
-    weights = class_weights(train["label"].to_numpy(), 2 if binary else cfg.num_outputs)
+    data = PreparedData(pd.concat([train.assign(split="train"), val.assign(split="val")]), [], {})
+    plan = qat_plan(cfg, stage_dir)
+    cached = teacher_logits(plan.teacher_files, data, cfg, folder, stage_dir) if plan.teacher_files else None
+    log.info("QAT: %s (alpha %.2f, T %.1f)", plan.description, plan.alpha, cfg.distill.temperature)
+    weights = class_weights(train["label"].to_numpy(), 2 if cfg.data.labels == "binary" else cfg.num_outputs)
     loss_fn = loss_for(cfg, weights)
-    cached, alpha = None, 1.0
-    teacher_files, source = qat_teacher(cfg, stage_dir)
-    if teacher_files:
-        teacher_logits_file = stage_dir / "teacher_logits.npz"
-        data = PreparedData(pd.concat([train.assign(split="train"), val.assign(split="val")]), [], {})
-        if teacher_logits_file.is_file():  # the run's own cached logits (logit KD with cached outputs)
-            saved = np.load(teacher_logits_file)
-            if list(saved["image_id"]) == train["image_id"].tolist():
-                cached = saved["logits"]
-        if cached is None:
-            teacher_size = max(cfg.data.image_size, teacher_input_size(teacher_files))
-            cached = cache_teacher_logits(load_teacher(teacher_files, teacher_size), data, cfg, folder,
-                                          teacher_size, cfg.distill.teacher_tta)
-        # A relational run's KL term is its logit KD (student loss + kl_weight * KD): the same balance here;
-        # its relation terms (CCD, CRP, ...) are not continued in QAT.
-        alpha = cfg.distill.alpha if cfg.distill.method == "kd" else 1.0 / (1.0 + cfg.relational.kl_weight)
-    log.info("QAT: %s (alpha %.2f, T %.1f)", source, alpha, cfg.distill.temperature)
     sample_weights = weights[train["label"].to_numpy()] if cfg.data.class_weight == "balanced" else None
-    size, batch = cfg.data.image_size, cfg.train.batch_size
-    train_ds = make_dataset(train["path"].tolist(), train["label"].to_numpy(), size, batch, binary=binary,
-                            training=True, sample_weights=sample_weights, teacher_logits=cached,
-                            augmenter=build_augmenter(cfg.data.augment, cfg.seed, cfg.data.image_size), cache=cfg.data.cache,
-                            seed=cfg.seed)
-    val_ds = make_dataset(val["path"].tolist(), val["label"].to_numpy(), size, batch, binary=binary,
-                          cache=cfg.data.cache)
+    train_ds, _, val_images = training_datasets(cfg, data, sample_weights, {"teacher_logits": cached})
     qat = quantization_aware(student)
-    optimizer = keras.optimizers.Adam(lr)
-    trainer = Distiller(qat, loss_fn, alpha=alpha, temperature=cfg.distill.temperature, labels=cfg.data.labels)
-    trainer.compile(optimizer=optimizer)
-    state = cb.load_state(folder)
-    if state.get("epoch"):
-        cb.restore_checkpoint(folder, state, qat, optimizer)
-    check = cb.EpochCheckpoint(folder, qat, optimizer, "qat")
-    trainer.fit(train_ds, epochs=epochs, initial_epoch=int(state.get("epoch", 0)), verbose=cfg.train.verbose,
-                callbacks=[cb.ValidationMetrics(qat, val_ds.map(lambda x, y, w: x), val["label"].to_numpy(),
-                                                loss_fn, cfg.data.labels), check])
-    if (folder / "best.weights.h5").is_file():
-        qat.load_weights(str(folder / "best.weights.h5"))
+    loop = Loop(train_ds, val_images, val["label"].to_numpy(), loss_fn, cfg.data.labels,
+                make_trainer=lambda model: Distiller(model, loss_fn, alpha=plan.alpha,
+                                                     temperature=cfg.distill.temperature, labels=cfg.data.labels),
+                optimizer_for=lambda phase: keras.optimizers.Adam(phase.lr), verbose=cfg.train.verbose)
+    fit_student(qat, loop, folder, [Phase("qat", epochs, lr)])
     return qat
 
 
@@ -366,10 +313,6 @@ def quantize_run(run_dir: str | Path, modes: tuple[str, ...] = MODES, qat_epochs
     into ``eval_val_*`` folders and ``comparison_val.*``). ``int8_hard_swish``: how the
     post-training int8 model writes hard-swish (see :func:`convert`).
     """
-    from melanoma_tf import models
-    from melanoma_tf.evaluate import evaluate
-    from melanoma_tf.runs import resolve_stage_dir
-
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         raise cfgmod.ConfigError(f"--modes: unknown mode(s) {unknown}; choose from {list(MODES)}")
@@ -415,8 +358,6 @@ def quantize_run(run_dir: str | Path, modes: tuple[str, ...] = MODES, qat_epochs
             sidecar["hard_swish"] = int8_hard_swish
         write_json(folder / f"{mode}.json", sidecar)
     # The table covers every mode converted in this folder so far, so runs with different --modes add up.
-    import json
-
     rows = [_row("keras fp32", stage_dir / "model.keras", folder / f"{prefix}_keras")]
     for mode in MODES:
         path = folder / (f"{mode}.keras" if mode == "fp64" else f"{mode}.tflite")
@@ -436,8 +377,6 @@ def quantize_run(run_dir: str | Path, modes: tuple[str, ...] = MODES, qat_epochs
 
 
 def _sidecar(cfg, stage_dir: Path, path: Path, mode: str, eval_dir: Path, blob: bytes) -> dict:
-    import json
-
     metrics = json.loads((eval_dir / "metrics.json").read_text())
     details = flatbuffer_details(path)
     arena = tflm_arena_bytes(blob) if details["input_dtype"] == "int8" else None
@@ -464,8 +403,6 @@ def _sidecar(cfg, stage_dir: Path, path: Path, mode: str, eval_dir: Path, blob: 
 
 
 def _row(mode: str, path: Path, eval_dir: Path, sidecar: Optional[dict] = None) -> dict:
-    import json
-
     m = json.loads((eval_dir / "metrics.json").read_text())
     blob = path.read_bytes()
     arena = (sidecar or {}).get("tflm_arena_bytes")

@@ -19,6 +19,7 @@ from typing import Optional
 
 import pandas as pd
 
+from melanoma_tf import plots
 from melanoma_tf.files import write_atomic
 
 # The first table of every report and of compare: (key, header, format).
@@ -165,8 +166,6 @@ def find_evaluations(paths: list[str], split: str = "holdout") -> list[Path]:
 
 def compare(paths: list[str], out: Optional[str] = None, split: str = "holdout") -> Path:
     """Writes the comparison table and plots; returns the path of ``compare.md``."""
-    from melanoma_tf import plots
-
     evaluations = find_evaluations(paths, split)
     out_dir = Path(out) if out else Path("runs") / "compare"
     out_dir.mkdir(parents=True, exist_ok=True)

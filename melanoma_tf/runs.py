@@ -16,7 +16,7 @@ import pandas as pd
 
 from melanoma_tf import config as cfgmod
 from melanoma_tf import data as datamod
-from melanoma_tf import synthetic
+from melanoma_tf import losses, synthetic
 from melanoma_tf.config import Config, ConfigError
 from melanoma_tf.data import PreparedData
 from melanoma_tf.errors import MelanomaTfError
@@ -30,8 +30,6 @@ class RunError(MelanomaTfError, ValueError):
 
 def loss_for(cfg: Config, class_weights: np.ndarray):
     """The student loss of ``cfg.loss`` for ``cfg.data.labels`` (binary or multiclass)."""
-    from melanoma_tf import losses
-
     return losses.student_loss(cfg.loss.name, cfg.data.labels, pos_weight=cfg.loss.pos_weight,
                                gamma=cfg.loss.gamma, focal_alpha=cfg.loss.focal_alpha,
                                class_weights=class_weights)

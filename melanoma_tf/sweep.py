@@ -40,9 +40,9 @@ from typing import Any, Optional
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from melanoma_tf import config as cfgmod
+from melanoma_tf import plots
 from melanoma_tf.cli import run_main
 from melanoma_tf.config import ConfigError
 from melanoma_tf.errors import TrialError
@@ -50,13 +50,7 @@ from melanoma_tf.files import write_atomic
 from melanoma_tf.sweep_ray import run_with_ray
 
 log = logging.getLogger("melanoma_tf.sweep")
-# Validation scores of each (trial, fold) at its best epoch, summarised as mean +- std over folds.
-SCORES = ("val_roc_auc", "val_pr_auc", "val_spec_at_sens95", "val_acc", "val_bma", "val_f1")
-SWEEP_KEYS = {"base", "set", "axes", "search", "trials", "folds", "workers", "seed", "output", "metric", "backend",
-              "quantize", "ray"}
-RAY_KEYS = {"address", "cpus_per_trial", "gpus_per_trial"}
-# Quantization axis values: melanoma_tf.quantize modes, plus the seed document's name for int4.
-QUANT_ALIASES = {"4-bit": "int4", "4bit": "int4"}
+SCORES = cfgmod.VALIDATION_SCORES  # each (trial, fold) at its best epoch; mean +- std over folds
 
 
 @dataclass
@@ -84,58 +78,22 @@ class SweepSpec:
 
 
 def load_sweep(path: str | Path, overrides: list[str] = ()) -> SweepSpec:
-    """Reads and checks a sweep YAML; errors name the key."""
+    """Reads and checks a sweep YAML (:class:`melanoma_tf.config.SweepConfig`); errors name the key."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"sweep file not found: {path}")
-    raw = yaml.safe_load(path.read_text()) or {}
-    unknown = set(raw) - SWEEP_KEYS
-    if unknown:
-        raise ConfigError(f"{path}: unknown sweep key(s) {sorted(unknown)}; valid: {sorted(SWEEP_KEYS)}")
-    if "base" not in raw or "axes" not in raw:
-        raise ConfigError(f"{path}: a sweep needs 'base' (an experiment config) and 'axes'")
-    base = (path.parent / raw["base"]) if not Path(raw["base"]).is_absolute() else Path(raw["base"])
+    sweep = cfgmod.load_sweep_config(path)
+    base = path.parent / sweep.base if not Path(sweep.base).is_absolute() else Path(sweep.base)
     if not base.is_file():
-        base = Path(raw["base"])
+        base = Path(sweep.base)
     if not base.is_file():
-        raise ConfigError(f"{path}: base: config not found: {raw['base']}")
-    base = base.resolve()  # trials may run in other working directories (Ray workers)
-    quantize = [QUANT_ALIASES.get(str(m), str(m)) for m in (raw.get("quantize") or [])]
-    if quantize:  # melanoma_tf.quantize imports TensorFlow: only when the sweep quantizes
-        from melanoma_tf.quantize import MODES
-    bad = [m for m in quantize if m not in MODES or m == "fp64"] if quantize else []
-    if bad:
-        raise ConfigError(f"{path}: quantize: unknown mode(s) {bad}; choose from {[m for m in MODES if m != 'fp64']} "
-                          "(or 4-bit)")
-    ray_settings = raw.get("ray") or {}
-    if not isinstance(ray_settings, dict) or set(ray_settings) - RAY_KEYS:
-        raise ConfigError(f"{path}: ray: expected a mapping with keys {sorted(RAY_KEYS)}, got {ray_settings!r}")
-    axes = {}
-    for axis, values in (raw["axes"] or {}).items():
-        if isinstance(values, list):
-            axes[axis] = {_label(v): {axis: v} for v in values}
-        elif isinstance(values, dict):
-            axes[axis] = {str(label): dict(setting) for label, setting in values.items()}
-        else:
-            raise ConfigError(f"{path}: axes.{axis}: expected a list of values or a mapping of named settings")
-        if not axes[axis]:
-            raise ConfigError(f"{path}: axes.{axis}: no values")
-    spec = SweepSpec(name=path.stem, base=base, overrides=list(raw.get("set") or []), axes=axes,
-                     search=raw.get("search", "grid"), trials=raw.get("trials"), folds=int(raw.get("folds", 0)),
-                     workers=int(raw.get("workers", 1)), seed=int(raw.get("seed", 0)),
-                     output=str(raw.get("output", "runs/sweeps")), metric=raw.get("metric", "val_roc_auc"),
-                     backend=raw.get("backend", "local"), extra=list(overrides), quantize=quantize,
-                     ray=dict(ray_settings))
-    if spec.metric not in SCORES:  # never an external set's score: ranking on it would make it a tuning set
-        raise ConfigError(f"{path}: metric: {spec.metric!r} is not one of the validation scores {list(SCORES)}")
-    if spec.search not in ("grid", "random"):
-        raise ConfigError(f"{path}: search: {spec.search!r} is not grid or random")
-    if spec.search == "random" and not spec.trials:
-        raise ConfigError(f"{path}: trials: random search needs a trial budget")
-    if spec.backend not in ("local", "ray"):
-        raise ConfigError(f"{path}: backend: {spec.backend!r} is not local or ray")
-    if spec.workers < (0 if spec.backend == "ray" else 1) or spec.folds < 0 or spec.folds == 1:
-        raise ConfigError(f"{path}: workers must be >= 1 (ray: >= 0, 0 = as many as fit) and folds 0 or >= 2")
+        raise ConfigError(f"{path}: base: config not found: {sweep.base}")
+    axes = {axis: ({_label(v): {axis: v} for v in values} if isinstance(values, list)
+                   else {str(label): dict(setting) for label, setting in values.items()})
+            for axis, values in sweep.axes.items()}
+    spec = SweepSpec(name=path.stem, base=base.resolve(),  # trials may run elsewhere (Ray workers)
+                     overrides=list(sweep.set), axes=axes, search=sweep.search, trials=sweep.trials,
+                     folds=sweep.folds, workers=sweep.workers, seed=sweep.seed, output=sweep.output,
+                     metric=sweep.metric, backend=sweep.backend, extra=list(overrides), quantize=list(sweep.quantize),
+                     ray=cfgmod.to_dict(sweep)["ray"])
     # Every trial's config must be valid before anything trains.
     for trial in trials(spec):
         for fold in range(max(spec.folds, 1)):
@@ -268,8 +226,6 @@ def pareto_front(sizes: np.ndarray, scores: np.ndarray) -> np.ndarray:
 
 
 def write_results(root: Path, rows: pd.DataFrame, spec: SweepSpec) -> pd.DataFrame:
-    from melanoma_tf import plots
-
     table = summarise(rows, spec)
     write_atomic(root / "folds.csv", rows.to_csv(index=False))
     write_atomic(root / "results.csv", table.to_csv(index=False))

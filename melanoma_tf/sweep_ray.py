@@ -23,6 +23,7 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
+from melanoma_tf.config import ConfigError
 from melanoma_tf.errors import TrialError
 
 log = logging.getLogger("melanoma_tf.sweep")
@@ -43,8 +44,6 @@ def run_with_ray(spec, jobs: list[tuple[dict, int]], root: Path,
         import ray
         from ray import tune
     except ImportError:  # pragma: no cover - depends on the installation
-        from melanoma_tf.config import ConfigError
-
         raise ConfigError("backend: ray needs Ray Tune: pip install 'melanoma_tf[ray]'") from None
     settings = spec.ray
     address = settings.get("address")

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
 from melanoma_tf.errors import MelanomaTfError
 
@@ -237,18 +238,12 @@ def flatbuffer_counts(path: str | os.PathLike) -> dict:
 
 
 def make_interpreter(path: str, threads: int = 1, reference_kernels: bool = False):
-    """A LiteRT interpreter (ai-edge-litert), falling back to TensorFlow's.
+    """A LiteRT interpreter (ai-edge-litert).
 
     ``reference_kernels`` selects TFLite's reference kernels, the arithmetic
     TFLite-Micro implements: measured on the HAM10000 int8 student, they match
     TFLM bit for bit, while the default XNNPACK int8 path differs by up to 6 steps.
     """
-    try:
-        from ai_edge_litert.interpreter import Interpreter, OpResolverType
-    except ImportError:  # pragma: no cover - depends on the installed extras
-        from melanoma_tf.backend import tf
-
-        Interpreter, OpResolverType = tf.lite.Interpreter, tf.lite.experimental.OpResolverType
     resolver = OpResolverType.BUILTIN_REF if reference_kernels else OpResolverType.AUTO
     return Interpreter(model_path=path, num_threads=threads, experimental_op_resolver_type=resolver)
 

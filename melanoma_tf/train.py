@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -25,15 +24,28 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
+from melanoma_tf import callbacks as cb
 from melanoma_tf import config as cfgmod
 from melanoma_tf import data as datamod
+from melanoma_tf import models, pretrained, report
+from melanoma_tf.backend import keras, make_strategy, set_global_seed
 from melanoma_tf.cli import run_main
 from melanoma_tf.config import Config
 from melanoma_tf.data import PreparedData
+from melanoma_tf.distill import method_for
+from melanoma_tf.distill.teachers import resolve_teacher_paths
 from melanoma_tf.files import write_json
+from melanoma_tf.fit import (
+    Loop,
+    fit_student,
+    phases_for,
+    scheduled_optimizer,
+    training_datasets,
+    unfreeze_for_finetuning,
+)
+from melanoma_tf.pipeline import class_weights, load_images
+from melanoma_tf.plots import history_plot
 from melanoma_tf.runs import find_resumable, loss_for, new_run_dir, prepare_data
-from melanoma_tf.teachers import (cache_teacher_logits, load_teacher, resolve_teacher_paths,  # noqa: F401
-                                  teacher_input_size)
 
 log = logging.getLogger("melanoma_tf.train")
 
@@ -53,9 +65,6 @@ def prepare_start_weights(model, stage: str, cfg: Config, train: pd.DataFrame) -
       ``{"source", "name", "sha256", "bn_reestimated_on"}`` (file names only, no machine
       paths), which the stage writes to ``start_weights.json`` and ``metrics.json``.
     """
-    from melanoma_tf import pretrained
-    from melanoma_tf.pipeline import load_images
-
     model_cfg = cfg.teacher if stage == "teacher" else cfg.student
     weights = model_cfg.weights
     if weights is None:
@@ -75,41 +84,18 @@ def prepare_start_weights(model, stage: str, cfg: Config, train: pd.DataFrame) -
 
 
 def _stage_model(stage: str, cfg: Config, image_size: int):
-    from melanoma_tf import models
-
     if stage == "teacher":
         return models.build_teacher(cfg.teacher, image_size, cfg.num_outputs)
     return models.build_student(cfg.student, image_size, cfg.num_outputs)
 
 
-def _phases(stage: str, cfg: Config) -> list[dict]:
-    """Training phases of a stage: [{name, epochs, lr}] run one after the other."""
-    if stage != "teacher":
-        return [{"name": "train", "epochs": cfg.train.epochs, "lr": cfg.train.lr}]
-    t = cfg.teacher
-    phases = [{"name": "head" if t.mode == "frozen" else "train",
-               "epochs": cfg.train.epochs if t.epochs is None else t.epochs,
-               "lr": cfg.train.lr if t.lr is None else t.lr}]
-    if t.mode == "frozen" and t.finetune_epochs and t.finetune_blocks:
-        phases.append({"name": "finetune", "epochs": t.finetune_epochs, "lr": t.finetune_lr})
-    return [p for p in phases if p["epochs"] > 0]
-
-
-def _optimizer(cfg: Config, lr: float, epochs: int, steps_per_epoch: int):
-    from melanoma_tf.backend import keras
-
-    t = cfg.train
-    if t.lr_schedule == "cosine":
-        total = max(1, epochs * steps_per_epoch)
-        warmup = t.warmup_epochs * steps_per_epoch
-        rate = keras.optimizers.schedules.CosineDecay(
-            initial_learning_rate=0.0 if warmup else lr, decay_steps=max(1, total - warmup),
-            alpha=0.01, warmup_target=lr if warmup else None, warmup_steps=warmup)
-    else:
-        rate = lr
-    if t.weight_decay:
-        return keras.optimizers.AdamW(learning_rate=rate, weight_decay=t.weight_decay)
-    return keras.optimizers.Adam(learning_rate=rate)
+def _start_weights(student, stage: str, cfg: Config, data: PreparedData, folder: Path, resume: bool) -> Optional[dict]:
+    """The start weights' description (None when a checkpoint replaces them on resume)."""
+    if resume and int(cb.load_state(folder).get("epoch", 0)):
+        return None
+    info = prepare_start_weights(student, stage, cfg, data.part("train"))
+    write_json(folder / "start_weights.json", info)
+    return info
 
 
 def train_stage(stage: str, cfg: Config, data: PreparedData, folder: Path,
@@ -117,19 +103,13 @@ def train_stage(stage: str, cfg: Config, data: PreparedData, folder: Path,
     """Trains one stage in ``folder`` and returns its metrics.
 
     Args:
-      stage: ``teacher``, ``student`` or ``distill``.
+      stage: ``teacher``, ``student`` or ``distill`` (trained by ``distill.method``).
       cfg: the resolved config.
       data: the split data.
       folder: the stage's run folder (config, splits, checkpoints, model).
       teacher_paths: the teacher ``.keras`` file(s) for ``distill`` (several: an ensemble).
       resume: continue from ``folder/state.json`` if present.
     """
-    from melanoma_tf import callbacks as cb
-    from melanoma_tf import models
-    from melanoma_tf.backend import keras, make_strategy, set_global_seed
-    from melanoma_tf.distiller import Distiller
-    from melanoma_tf.pipeline import build_augmenter, class_weights, make_dataset
-
     folder.mkdir(parents=True, exist_ok=True)
     if (folder / "metrics.json").is_file() and resume:
         log.info("stage %s already finished in %s", stage, folder)
@@ -137,117 +117,46 @@ def train_stage(stage: str, cfg: Config, data: PreparedData, folder: Path,
     cfgmod.save(cfg, folder / "config.yaml")
     digest = datamod.write_split_manifest(data.frame, folder, {"data": data.summary, "seed": cfg.seed})
     set_global_seed(cfg.seed)
-
-    binary = cfg.data.labels == "binary"
-    train, val = data.part("train"), data.part("val")
-    weights_per_class = class_weights(train["label"].to_numpy(), cfg.num_outputs if not binary else 2)
-    sample_weights = (weights_per_class[train["label"].to_numpy()] if cfg.data.class_weight == "balanced"
-                      else None)
+    method = method_for(stage, cfg, teacher_paths)
+    train_labels = data.part("train")["label"].to_numpy()
+    weights_per_class = class_weights(train_labels, 2 if cfg.data.labels == "binary" else cfg.num_outputs)
+    sample_weights = weights_per_class[train_labels] if cfg.data.class_weight == "balanced" else None
     loss_fn = loss_for(cfg, weights_per_class)
-    batch = cfg.train.batch_size
-    size = cfg.data.image_size
-
     strategy = make_strategy(cfg.train.distribution)
     if strategy.num_replicas_in_sync > 1:
         log.info("training on %d replicas (%s); global batch %d", strategy.num_replicas_in_sync,
-                 type(strategy).__name__, batch)
-    relational = stage == "distill" and cfg.distill.method == "relational"
-    mean_teacher = relational and cfg.relational.teacher_mode == "mean_teacher"
+                 type(strategy).__name__, cfg.train.batch_size)
     with strategy.scope():  # variables of the models and optimizers live on every replica
-        student = _stage_model(stage, cfg, size)
-        teacher = None
-        if relational and not mean_teacher:  # the raw model: its features are read inside
-            teacher = models.load_model(teacher_paths[0])
-        elif stage == "distill" and not relational and cfg.distill.teacher_outputs == "online":
-            teacher = load_teacher(teacher_paths, size)
-    weights_info = None
-    if not (resume and int(cb.load_state(folder).get("epoch", 0))):  # a checkpoint replaces the start weights
-        weights_info = prepare_start_weights(student, stage, cfg, data.part("train"))
-        write_json(folder / "start_weights.json", weights_info)
-    cached = None
-    alpha = 1.0
-    if stage == "distill" and not relational:
-        alpha = cfg.distill.alpha
-        if cfg.distill.teacher_outputs == "cached":  # the teacher runs once, at its own resolution
-            teacher_size = max(size, teacher_input_size(teacher_paths))
-            cached = cache_teacher_logits(load_teacher(teacher_paths, teacher_size), data, cfg, folder,
-                                          teacher_size, cfg.distill.teacher_tta)
-    augmenter = build_augmenter(cfg.data.augment, cfg.seed, cfg.data.image_size)
-    train_ds = make_dataset(train["path"].tolist(), train["label"].to_numpy(), size, batch, binary=binary,
-                            training=True, sample_weights=sample_weights, teacher_logits=cached,
-                            augmenter=augmenter, cache=cfg.data.cache, seed=cfg.seed, with_index=relational,
-                            two_views=relational and cfg.relational.two_views)
-    steps = math.ceil(len(train) / batch)
-    if cfg.train.steps_per_epoch:
-        steps = min(steps, cfg.train.steps_per_epoch)
-        train_ds = train_ds.take(steps)
-    val_ds = make_dataset(val["path"].tolist(), val["label"].to_numpy(), size, batch, binary=binary,
-                          cache=cfg.data.cache)
-    val_images = val_ds.map(lambda x, y, w: x)
+        student = _stage_model(stage, cfg, cfg.data.image_size)
+        teacher = method.build_teacher(cfg.data.image_size)
+    weights_info = _start_weights(student, stage, cfg, data, folder, resume)
+    method.prepare(data, folder)
+    train_ds, steps, val_images = training_datasets(cfg, data, sample_weights, method.dataset_options())
 
-    state = cb.load_state(folder) if resume else {}
-    if not resume:
-        for stale in ("state.json", "history.csv", "best.weights.h5"):
-            (folder / stale).unlink(missing_ok=True)
-    start_epoch = int(state.get("epoch", 0))
-    if start_epoch:
-        log.info("resuming stage %s from epoch %d (phase %s)", stage, start_epoch, state.get("phase"))
+    def on_plateau(phase):
+        if cfg.train.lr_schedule != "plateau":
+            return []
+        return [keras.callbacks.ReduceLROnPlateau(monitor=cb.MONITOR, mode="max", factor=0.5, patience=2,
+                                                  min_lr=phase.lr / 100)]
 
-    phase_start, trainer = 0, None
-    for phase in _phases(stage, cfg):
-        phase_end = phase_start + phase["epochs"]
-        if start_epoch >= phase_end or state.get("stopped_phase") == phase["name"]:
-            phase_start = phase_end
-            continue
-        if phase["name"] == "finetune":
-            if (folder / "best.weights.h5").is_file():  # fine-tune from the best head, not the last
-                student.load_weights(str(folder / "best.weights.h5"))
-            for layer in student.layers:
-                layer.trainable = False
-            unfrozen = models.unfreeze_top_blocks(student, cfg.teacher.finetune_blocks, cfg.teacher.arch)
-            for name in ("avg_pool", "head_dropout", "logits"):
-                student.get_layer(name).trainable = True
-            log.info("fine-tuning the top %d blocks: %s", len(unfrozen), ", ".join(unfrozen))
-        extras, variables = None, None
-        with strategy.scope():
-            optimizer = _optimizer(cfg, phase["lr"], phase["epochs"], steps)
-            if relational:
-                from melanoma_tf.relational_distiller import RelationalDistiller, RelationalSchedule
-
-                trainer = RelationalDistiller(student, loss_fn, train["label"].to_numpy(), cfg.relational, size,
-                                              teacher=teacher, temperature=cfg.distill.temperature,
-                                              labels=cfg.data.labels, seed=cfg.seed)
-                extras, variables = trainer.state(), trainer.train_variables()
-            else:
-                trainer = Distiller(student, loss_fn, teacher=teacher, alpha=alpha,
-                                    temperature=cfg.distill.temperature, labels=cfg.data.labels)
-            trainer.compile(optimizer=optimizer)
-            if start_epoch > phase_start:  # mid-phase: model, optimizer and distiller state
-                cb.restore_checkpoint(folder, state, student, optimizer, extras, variables)
-            elif start_epoch:  # at a phase boundary: the model only, fresh optimizer
-                cb.restore_checkpoint(folder, state, student)
-        callbacks = [cb.ValidationMetrics(student, val_images, val["label"].to_numpy(), loss_fn, cfg.data.labels)]
-        if relational:
-            callbacks.insert(0, RelationalSchedule(trainer))
-        if cfg.train.lr_schedule == "plateau":
-            callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor=cb.MONITOR, mode="max", factor=0.5,
-                                                               patience=2, min_lr=phase["lr"] / 100))
-        checkpoint = cb.EpochCheckpoint(folder, student, optimizer, phase["name"],
-                                        cfg.train.early_stopping_patience, extras=extras)
-        callbacks += [checkpoint, keras.callbacks.TensorBoard(str(folder / "tensorboard"), write_graph=False,
-                                                              profile_batch=0)]
-        trainer.fit(train_ds, epochs=phase_end, initial_epoch=max(start_epoch, phase_start),
-                    callbacks=callbacks, verbose=cfg.train.verbose)
-        state = checkpoint.state
-        start_epoch = int(state.get("epoch", start_epoch))
-        phase_start = phase_end
-
-    state = cb.load_state(folder)
-    if (folder / "best.weights.h5").is_file():
-        student.load_weights(str(folder / "best.weights.h5"))
+    loop = Loop(train_ds, val_images, data.part("val")["label"].to_numpy(), loss_fn, cfg.data.labels,
+                make_trainer=lambda model: method.trainer(model, loss_fn, train_labels, teacher),
+                optimizer_for=lambda phase: scheduled_optimizer(cfg, phase, steps),
+                checkpoint_state=method.checkpoint_state, method_callbacks=method.callbacks,
+                schedule_callbacks=on_plateau, before_phase=unfreeze_for_finetuning(cfg, folder),
+                patience=cfg.train.early_stopping_patience, tensorboard=True, verbose=cfg.train.verbose,
+                strategy=strategy)
+    trainer = fit_student(student, loop, folder, phases_for(stage, cfg), resume)
     models.save_model(student, folder / "model.keras")
-    if mean_teacher and trainer is not None:  # QAT of this run distils from it (quantize.qat_teacher)
-        models.save_model(trainer.ema, folder / "mean_teacher.keras")
+    if trainer is not None:
+        method.save_outputs(trainer, folder)
+    return _stage_result(stage, folder, student, data, digest, weights_info)
+
+
+def _stage_result(stage: str, folder: Path, student, data: PreparedData, digest: str,
+                  weights_info: Optional[dict]) -> dict:
+    """The stage's ``metrics.json`` (validation scores at the best epoch, sizes, start weights) and history plot."""
+    state = cb.load_state(folder)
     history = state.get("history", [])
     best = next((row for row in history if row["epoch"] == state.get("best_epoch")), history[-1] if history else {})
     result = {
@@ -258,8 +167,8 @@ def train_stage(stage: str, cfg: Config, data: PreparedData, folder: Path,
         "best_epoch": state.get("best_epoch"),
         "epochs_run": len(history),
         "seconds_per_epoch_median": float(np.median([r["seconds"] for r in history])) if history else None,
-        "n_train": int(len(train)),
-        "n_val": int(len(val)),
+        "n_train": int(len(data.part("train"))),
+        "n_val": int(len(data.part("val"))),
         "params": int(student.count_params()),
         "splits_sha256": digest,
     }
@@ -270,8 +179,6 @@ def train_stage(stage: str, cfg: Config, data: PreparedData, folder: Path,
         weights_info = json.loads((folder / "start_weights.json").read_text())
     result["start_weights"] = weights_info
     if history:
-        from melanoma_tf.plots import history_plot
-
         history_plot(folder / "history.png", history)
     write_json(folder / "metrics.json", result)
     return result
@@ -336,8 +243,6 @@ def evaluate_stages(run_dir: Path, folders: list[Path]) -> Path:
             continue
         print(f"== evaluate {folder}", flush=True)
         subprocess.run([sys.executable, "-m", "melanoma_tf.evaluate", "--run", str(folder)], check=True)
-    from melanoma_tf import report
-
     path = report.compare([str(f) for f in folders], str(run_dir / "compare"))
     print(f"== comparison: {path}", flush=True)
     return path

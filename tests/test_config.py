@@ -1,12 +1,14 @@
 """Strict typed config: unknown keys, wrong types and ranges, overrides, YAML number quirks."""
 
+from pathlib import Path
+
 import pytest
 import yaml
 
 from melanoma_tf import config as C
 from melanoma_tf.config import ConfigError
 
-REPO_CONFIGS = sorted((C.Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+REPO_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
 
 def write(tmp_path, text, name="exp.yaml"):

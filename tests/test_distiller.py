@@ -9,7 +9,7 @@ from melanoma_tf import config as C
 from melanoma_tf import losses as L
 from melanoma_tf import models as M
 from melanoma_tf.backend import keras, tf
-from melanoma_tf.distiller import Distiller
+from melanoma_tf.distill.kd import Distiller
 
 
 class FixedLogits(keras.layers.Layer):

@@ -16,7 +16,7 @@ SAME_UPDATE = r"""
 import json, numpy as np
 from melanoma_tf.backend import keras, make_strategy, tf
 from melanoma_tf import losses
-from melanoma_tf.distiller import Distiller
+from melanoma_tf.distill.kd import Distiller
 
 def step(strategy_name):
     strategy = make_strategy(strategy_name)
@@ -69,7 +69,7 @@ MULTI_WORKER_STEP = r"""
 import json, sys, numpy as np
 from melanoma_tf.backend import keras, make_strategy, tf
 from melanoma_tf import losses
-from melanoma_tf.distiller import Distiller
+from melanoma_tf.distill.kd import Distiller
 
 strategy = make_strategy(sys.argv[1])
 with strategy.scope():

@@ -11,6 +11,7 @@ import pytest
 from conftest import REPO, tiny_overrides
 from melanoma_tf import config as C
 from melanoma_tf import evaluate as E
+from melanoma_tf import evaluation
 from melanoma_tf import metrics as M
 from melanoma_tf import runs
 from melanoma_tf import train as T
@@ -113,7 +114,7 @@ def test_evaluate_tflite_fp32_and_int8(tiny_run, tmp_path, capsys):
     model_path, train_images = colour_model(tiny_run, tmp_path / "cnn.keras")
     fp32 = convert(model_path, tmp_path / "fp32.tflite")
     int8 = convert(model_path, tmp_path / "int8.tflite", train_images[:100])
-    keras_out = E.evaluate(str(tiny_run), str(model_path), split="val", n_boot=50, gradcam=0, latency_runs=50,
+    keras_out = evaluation.evaluate(str(tiny_run), str(model_path), split="val", n_boot=50, gradcam=0, latency_runs=50,
                            out=str(tmp_path / "keras"))
     reference = json.loads((keras_out.parent / "metrics.json").read_text())
     assert reference["roc_auc"] > 0.7, "the reference model should have learnt something"
@@ -166,16 +167,16 @@ def test_evaluate_bad_inputs(tiny_run, tmp_path, capsys):
     bad.write_text("image_id,label\nISIC_9000000,1\nISIC_9000001,2\n")
     assert E.main(["--run", str(tiny_run), "--images", str(tmp_path), "--labels", str(bad)]) == 2
     assert "row 3: label '2'" in capsys.readouterr().err
-    with pytest.raises(E.EvaluationError, match=r"row 3: label"):
-        E.external_frame(tmp_path, bad)
+    with pytest.raises(evaluation.EvaluationError, match=r"row 3: label"):
+        evaluation.external_frame(tmp_path, bad)
     nolabel = tmp_path / "nolabel.csv"
     nolabel.write_text("image_id\nISIC_1\n")
-    with pytest.raises(E.EvaluationError, match="missing column 'label'"):
-        E.external_frame(tmp_path, nolabel)
+    with pytest.raises(evaluation.EvaluationError, match="missing column 'label'"):
+        evaluation.external_frame(tmp_path, nolabel)
     absent = tmp_path / "absent.csv"
     absent.write_text("image_id,label\nISIC_0000001,1\n")
-    with pytest.raises(E.EvaluationError, match="not in"):
-        E.external_frame(tmp_path, absent)
+    with pytest.raises(evaluation.EvaluationError, match="not in"):
+        evaluation.external_frame(tmp_path, absent)
     assert E.main(["--run", str(tmp_path)]) == 2
     assert "not a run folder" in capsys.readouterr().err
     assert E.main(["--run", str(tiny_run), "--model", str(tmp_path / "nope.tflite")]) == 2

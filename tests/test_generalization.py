@@ -4,7 +4,6 @@ teachers at their own resolution, calibration stored with a model."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pandas as pd
@@ -13,7 +12,7 @@ import pytest
 from conftest import REPO, tiny_overrides
 from melanoma_tf import config as C
 from melanoma_tf import data as D
-from melanoma_tf import evaluate as E
+from melanoma_tf import evaluation as E
 from melanoma_tf import metrics as M
 from melanoma_tf import runs
 from melanoma_tf import train as T
@@ -112,7 +111,7 @@ def test_mobilenet_v2_teacher_head_then_finetune_and_cached_logits_at_its_size(s
     assert history["phase"].tolist() == ["head", "finetune"]
     teacher_file = run_dir / "model.keras"
     from melanoma_tf import models
-    from melanoma_tf.teachers import teacher_input_size
+    from melanoma_tf.distill.teachers import teacher_input_size
 
     assert teacher_input_size([teacher_file]) == 48
     distill = T.run(C.replace(C.replace(cfg, "distill.teacher", (str(teacher_file),)), "stages", ("distill",)))

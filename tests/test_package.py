@@ -1,4 +1,4 @@
-"""The package's shape: one error base class, one way a command ends, no import cycles."""
+"""The package's shape: one error base class, one way a command ends, no import cycles, thin commands."""
 
 import ast
 import importlib
@@ -9,28 +9,48 @@ import pytest
 
 from conftest import REPO
 from melanoma_tf.cli import run_main
+from melanoma_tf.config import ConfigError
 from melanoma_tf.errors import MelanomaTfError
 
 PACKAGE = REPO / "melanoma_tf"
-MODULES = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
+# Every module of the package by dotted name (a subpackage's __init__ by the package's name).
+MODULES = sorted(".".join(("melanoma_tf",) + p.relative_to(PACKAGE).with_suffix("").parts).removesuffix(".__init__")
+                 for p in PACKAGE.rglob("*.py"))
+COMMANDS = ("train", "evaluate", "quantize", "baselines", "sweep", "export_app")
 
 
-def _imports(path) -> set[str]:
-    """melanoma_tf modules a file imports, at top level or inside functions."""
+def _path(module: str):
+    relative = PACKAGE.joinpath(*module.split(".")[1:])
+    return relative / "__init__.py" if relative.is_dir() else relative.with_suffix(".py")
+
+
+def _imported(node) -> set[str]:
+    """The package modules one import statement loads (``from pkg import mod`` names ``pkg.mod``)."""
+    if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("melanoma_tf"):
+        names = {f"{node.module}.{a.name}" for a in node.names}
+        return {n for n in names if n in MODULES} or {node.module}
+    if isinstance(node, ast.Import):
+        return {a.name for a in node.names if a.name.startswith("melanoma_tf")}
+    return set()
+
+
+def _imports(module: str) -> set[str]:
+    """Package modules a module imports, at top level or inside functions."""
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module:
-            if node.module == "melanoma_tf":
-                found |= {a.name for a in node.names}
-            elif node.module.startswith("melanoma_tf."):
-                found.add(node.module.split(".")[1])
-        elif isinstance(node, ast.Import):
-            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("melanoma_tf.")}
-    return (found & set(MODULES)) - {path.stem}
+    for node in ast.walk(ast.parse(_path(module).read_text())):
+        found |= _imported(node)
+    return (found & set(MODULES)) - {module}
+
+
+def _functions(module: str):
+    for node in ast.walk(ast.parse(_path(module).read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield node
 
 
 def test_no_import_cycles():
-    graph = {m: _imports(PACKAGE / f"{m}.py") for m in MODULES}
+    graph = {m: _imports(m) for m in MODULES}
+    assert {"melanoma_tf.config.schema", "melanoma_tf.distill.kd", "melanoma_tf.explain"} <= set(graph)
 
     def reaches(start, target, seen):
         for nxt in graph[start]:
@@ -42,10 +62,29 @@ def test_no_import_cycles():
     assert cycles == [], {m: sorted(graph[m]) for m in cycles}
 
 
+def test_no_command_is_imported_by_the_package():
+    """Commands are thin ends: nothing in the package uses one as a library."""
+    users = {m: sorted(_imports(m) & {f"melanoma_tf.{c}" for c in COMMANDS}) for m in MODULES}
+    assert {m: used for m, used in users.items() if used} == {}
+
+
+def test_package_links_are_visible_at_the_top_of_each_module():
+    """No function imports a package module (such imports hid the cycles and the command-as-library uses)."""
+    hidden = [f"{m}.{f.name}: {sorted(_imported(node))}" for m in MODULES for f in _functions(m)
+              for node in ast.walk(f) if _imported(node)]
+    assert hidden == []
+
+
+def test_no_function_is_longer_than_80_lines():
+    long = {f"{m}.{f.name}": f.end_lineno - f.lineno + 1 for m in MODULES for f in _functions(m)
+            if f.end_lineno - f.lineno + 1 > 80}
+    assert long == {}
+
+
 def test_every_error_class_derives_from_the_project_error():
     errors = {}
     for name in MODULES:
-        module = importlib.import_module(f"melanoma_tf.{name}")
+        module = importlib.import_module(name)
         for cls_name, cls in inspect.getmembers(module, inspect.isclass):
             if cls.__module__ == module.__name__ and issubclass(cls, Exception):
                 errors[f"{name}.{cls_name}"] = cls
@@ -58,8 +97,6 @@ def test_run_main_prints_the_last_line_or_one_error_line(capsys):
     assert capsys.readouterr().out.strip() == "run: somewhere"
 
     def bad_key():
-        from melanoma_tf.config import ConfigError
-
         raise ConfigError("train.lr: expected a number, got 'fast'")
 
     assert run_main(bad_key) == 2

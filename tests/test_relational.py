@@ -8,7 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from melanoma_tf import relational as R
+from melanoma_tf.distill import relational_losses as R
 from melanoma_tf.backend import keras, tf
 from melanoma_tf.config import RelationalConfig
 
@@ -238,7 +238,7 @@ def _batch(n=6, size=8, seed=0):
 
 def _distiller(cfg: RelationalConfig, labels, teacher=None, seed=0):
     from melanoma_tf.losses import softmax_ce
-    from melanoma_tf.relational_distiller import RelationalDistiller
+    from melanoma_tf.distill.relational import RelationalDistiller
 
     tf.random.set_seed(seed)
     student = _tiny_model("student")
@@ -274,7 +274,7 @@ def test_train_step_updates_banks_ema_and_normalisers():
     assert not np.allclose(bank_after[index], bank_before[index])
     assert (trainer.z.numpy() > 0).all()  # both CCD and CRD normalisers fixed on the first batch
     # Step 1: decay min(1 - 1/2, 0.99) = 0.5: the mean teacher is halfway between old and new weights.
-    from melanoma_tf.relational_distiller import ema_pairs
+    from melanoma_tf.distill.relational import ema_pairs
 
     for ema_w, w in ema_pairs(trainer.ema, trainer.student):
         old_ema = ema_before[ema_w.name]
@@ -327,7 +327,7 @@ def test_state_round_trips_through_a_checkpoint(tmp_path):
 
 
 def test_feature_model_needs_a_melanoma_tf_head():
-    from melanoma_tf.relational_distiller import feature_model
+    from melanoma_tf.distill.relational import feature_model
 
     image = keras.Input((8, 8, 3))
     plain = keras.Model(image, keras.layers.Dense(1)(keras.layers.Flatten()(image)))

@@ -12,6 +12,7 @@ from conftest import REPO, tiny_overrides
 from melanoma_tf import config as C
 from melanoma_tf import train as T
 from melanoma_tf.config import ConfigError
+from melanoma_tf.distill.teachers import load_teacher
 
 RELATIONAL = {"stages": "[distill]", "distill.method": "relational", "data.labels": "multiclass",
               "distill.temperature": 1.0, "relational.ccd_weight": 0.1, "relational.ccd_weight_after": 0.01,
@@ -140,7 +141,7 @@ def test_relational_run_resume_and_relation_analysis(synthetic_root, tmp_path):
     teacher_files, source = Q.qat_teacher(fixed, run_dir)
     assert teacher_files == [run_dir / "model.keras"] and "relational run's fixed teacher" in source
 
-    from melanoma_tf import evaluate as E
+    from melanoma_tf import evaluation as E
 
     report = E.evaluate(str(run_dir), n_boot=10, gradcam=0, latency_runs=5)
     result = json.loads((report.parent / "metrics.json").read_text())
@@ -161,7 +162,7 @@ def test_ensemble_teacher_averages_member_logits(tmp_path):
         model.get_layer("logits").set_weights([np.full((3, 1), i + 1.0, np.float32), np.zeros(1, np.float32)])
         paths.append(tmp_path / f"m{i}.keras")
         save_model(model, paths[-1])
-    ensemble = T.load_teacher(paths, 8)
+    ensemble = load_teacher(paths, 8)
     images = np.full((2, 8, 8, 3), 2.0, np.float32)
     # Member 0: 3 channels x 2.0 x 1 = 6; member 1 (resized 8 -> 12, constant image): 3 x 2.0 x 2 = 12.
     np.testing.assert_allclose(ensemble(images).numpy(), 9.0, rtol=1e-5)
@@ -169,4 +170,4 @@ def test_ensemble_teacher_averages_member_logits(tmp_path):
         image = keras.Input((8, 8, 3))
         other = keras.Model(image, keras.layers.Dense(7)(keras.layers.GlobalAveragePooling2D()(image)))
         save_model(other, tmp_path / "seven.keras")
-        T.load_teacher([paths[0], tmp_path / "seven.keras"], 8)
+        load_teacher([paths[0], tmp_path / "seven.keras"], 8)

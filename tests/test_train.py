@@ -219,7 +219,7 @@ def test_multiclass_run_and_evaluation(synthetic_root, tmp_path):
     run_dir = T.run(cfg)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert {"val_roc_auc", "val_pr_auc", "val_bma"} <= set(metrics)
-    from melanoma_tf import evaluate as E
+    from melanoma_tf import evaluation as E
     from melanoma_tf.models import load_model
 
     assert load_model(run_dir / "model.keras").output_shape == (None, 7)

@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     from melanoma_tf import config as C
     from melanoma_tf import losses, models
     from melanoma_tf.backend import keras, tf
-    from melanoma_tf.distiller import Distiller
+    from melanoma_tf.distill.kd import Distiller
 
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)

@@ -5,15 +5,18 @@ from __future__ import annotations
 import json
 import logging
 import time
+import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import numpy as np
 
+from melanoma_tf import models
+from melanoma_tf.backend import keras, tf
+from melanoma_tf.callbacks import predict_logits
 from melanoma_tf.config import Config, ConfigError
-
-if TYPE_CHECKING:
-    from melanoma_tf.data import PreparedData
+from melanoma_tf.data import PreparedData
+from melanoma_tf.pipeline import make_dataset
 
 log = logging.getLogger("melanoma_tf.train")
 
@@ -31,17 +34,39 @@ def resolve_teacher_path(path: str) -> Path:
     raise ConfigError(f"distill.teacher: no teacher model at {p} (expected a .keras file or a run folder)")
 
 
-def _fit_teacher_to_size(teacher, image_size: int):
-    """Wraps a teacher built for another input size with a resize, so it can share the student's batch."""
-    from melanoma_tf.backend import keras
+def resized_input(model: keras.Model, image_size: int, layer_name: str, training: Optional[bool] = None):
+    """``model`` taking ``image_size`` inputs: resized inside to the side it was built for (itself if equal).
 
-    size = teacher.input_shape[1]
+    A 224 px teacher shares the student's 160 px batches this way (its ensemble, its
+    feature model for relational distillation).
+    """
+    size = model.input_shape[1]
     if size == image_size:
-        return teacher
-    log.info("teacher %s input is %dpx, data is %dpx: resizing inside the teacher", teacher.name, size, image_size)
+        return model
     image = keras.Input((image_size, image_size, 3), name="image")
-    resized = keras.layers.Resizing(size, size, name="teacher_resize")(image)
-    return keras.Model(image, teacher(resized, training=False), name=f"{teacher.name}_resized")
+    resized = keras.layers.Resizing(size, size, name=layer_name)(image)
+    return keras.Model(image, model(resized, training=training), name=f"{model.name}_resized")
+
+
+def run_teacher_files(cfg: Config, stage_dir: Path) -> list[Path]:
+    """The teacher file(s) a distilling stage learns from: ``distill.teacher``, else its chained run's teacher stage.
+
+    Raises:
+      ConfigError: a file is missing (naming it and the stage folder).
+    """
+    files = (resolve_teacher_paths(cfg.distill.teacher) if cfg.distill.teacher
+             else [Path(stage_dir).parent / "teacher" / "model.keras"])
+    missing = [str(f) for f in files if not Path(f).is_file()]
+    if missing:
+        raise ConfigError(f"{stage_dir}: the run's teacher is missing ({', '.join(missing)})")
+    return [Path(f) for f in files]
+
+
+def _fit_teacher_to_size(teacher, image_size: int):
+    if teacher.input_shape[1] != image_size:
+        log.info("teacher %s input is %dpx, data is %dpx: resizing inside the teacher", teacher.name,
+                 teacher.input_shape[1], image_size)
+    return resized_input(teacher, image_size, "teacher_resize", training=False)
 
 
 def load_teacher(paths: list[Path], image_size: int):
@@ -50,9 +75,6 @@ def load_teacher(paths: list[Path], image_size: int):
     Each member may have its own input size (it is resized inside); all must have
     the same number of outputs.
     """
-    from melanoma_tf import models
-    from melanoma_tf.backend import keras
-
     members = []
     for i, path in enumerate(paths):
         member = models.load_model(path)
@@ -72,10 +94,6 @@ def load_teacher(paths: list[Path], image_size: int):
 
 def teacher_input_size(paths: list[Path]) -> int:
     """The largest input side among the teacher models: cached logits are computed at that resolution."""
-    import zipfile
-
-    from melanoma_tf import models
-
     sizes = []
     for path in paths:
         try:
@@ -105,8 +123,6 @@ def cache_teacher_logits(teacher, data: PreparedData, cfg: Config, folder: Path,
         a 224 px teacher should see 224 px images, not the student's upsampled ones.
       tta: average the logits over the four flips of each image.
     """
-    from melanoma_tf.pipeline import make_dataset
-
     train = data.part("train")
     path = folder / "teacher_logits.npz"
     if path.is_file():
@@ -116,9 +132,6 @@ def cache_teacher_logits(teacher, data: PreparedData, cfg: Config, folder: Path,
     ds = make_dataset(train["path"].tolist(), train["label"].to_numpy(), image_size or cfg.data.image_size,
                       cfg.train.batch_size, binary=cfg.data.labels == "binary", cache="none")
     start = time.time()
-    from melanoma_tf.backend import tf
-    from melanoma_tf.callbacks import predict_logits
-
     images = ds.map(lambda x, y, w: x)
     views = []
     for flip_h, flip_v in (_TTA_FLIPS if tta else _TTA_FLIPS[:1]):
@@ -131,3 +144,18 @@ def cache_teacher_logits(teacher, data: PreparedData, cfg: Config, folder: Path,
     np.savez(tmp, image_id=np.array(train["image_id"].tolist()), logits=logits)
     tmp.replace(path)
     return logits
+
+
+def teacher_logits(paths: list[Path], data: PreparedData, cfg: Config, folder: Path,
+                   reuse_from: Optional[Path] = None) -> np.ndarray:
+    """Cached logits of the teacher(s) ``paths`` for the training split, at the largest teacher's resolution.
+
+    ``reuse_from``: a folder whose ``teacher_logits.npz`` is taken when it covers the same
+    training images (QAT reuses the distilled run's). Otherwise they are computed into ``folder``.
+    """
+    if reuse_from is not None and (reuse_from / "teacher_logits.npz").is_file():
+        saved = np.load(reuse_from / "teacher_logits.npz", allow_pickle=False)
+        if list(saved["image_id"]) == data.part("train")["image_id"].tolist():
+            return saved["logits"]
+    size = max(cfg.data.image_size, teacher_input_size(paths))
+    return cache_teacher_logits(load_teacher(paths, size), data, cfg, folder, size, cfg.distill.teacher_tta)

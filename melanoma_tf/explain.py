@@ -4,10 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import pandas as pd
+from PIL import Image
 
+from melanoma_tf import plots
 from melanoma_tf.backend import keras, tf
+from melanoma_tf.distill.relational import feature_model
+from melanoma_tf.distill.relational_losses import relation_ratio
+from melanoma_tf.pipeline import load_images
 
 
 def last_feature_layer(model: keras.Model) -> keras.layers.Layer:
@@ -39,8 +45,6 @@ def gradcam(model: keras.Model, images: np.ndarray, class_index: int = 0) -> np.
 
 
 def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    import matplotlib
-
     colours = matplotlib.colormaps["jet"](heat)[..., :3] * 255
     return np.clip((1 - alpha) * image + alpha * colours, 0, 255).astype(np.uint8)
 
@@ -57,10 +61,6 @@ def gradcam_gallery(model: keras.Model, frame: pd.DataFrame, probability: np.nda
     Returns:
       ``[{"file", "image_id", "kind", "probability"}]``, files relative to folder's parent.
     """
-    from PIL import Image
-
-    from melanoma_tf.pipeline import load_images
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     p = np.asarray(probability)
@@ -84,3 +84,24 @@ def gradcam_gallery(model: keras.Model, frame: pd.DataFrame, probability: np.nda
         gallery.append({"file": f"{folder.name}/{name}", "image_id": image_id, "kind": kind,
                         "probability": float(p[i])})
     return gallery
+
+
+def relation_analysis(keras_model, images: np.ndarray, labels: np.ndarray, names: list[str], path: Path,
+                      seed: int = 0, per_class: int = 12) -> tuple[dict, str]:
+    """Feature-space relations of a Keras model on decoded ``images`` (CRCKD's analysis).
+
+    Rd = mean intra-class / mean inter-class cosine similarity of the embeddings
+    (the head's input) over all images, and a heat map of the similarity matrix
+    of up to ``per_class`` images of each class, grouped by class.
+    """
+    features = feature_model(keras_model, keras_model.input_shape[1])
+    embedding = np.concatenate([features(images[i:i + 64], training=False)[1].numpy()
+                                for i in range(0, len(images), 64)])
+    stats = relation_ratio(embedding, labels)
+    rng = np.random.default_rng(seed)
+    chosen = np.concatenate([rng.permutation(np.flatnonzero(labels == k))[:per_class] for k in np.unique(labels)])
+    chosen = chosen[np.argsort(labels[chosen], kind="stable")]
+    f = embedding[chosen] / np.maximum(np.linalg.norm(embedding[chosen], axis=1, keepdims=True), 1e-12)
+    figure = plots.relation_matrix_plot(path, f @ f.T, labels[chosen], names,
+                                        f"feature relations (Rd = {stats['rd']:.3f})")
+    return stats, figure

@@ -19,12 +19,18 @@ is exported.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 
-from melanoma_tf import relational as R
+from melanoma_tf import models
 from melanoma_tf.backend import keras, tf
+from melanoma_tf.config import ConfigError
+from melanoma_tf.distill import relational_losses as R
+from melanoma_tf.distill import teachers
+from melanoma_tf.distill.base import Method, QatPlan
+from melanoma_tf.distill.teachers import resized_input
 from melanoma_tf.losses import KD_LOSSES
 
 _POOLS = (keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D)
@@ -44,12 +50,7 @@ def feature_model(model: keras.Model, image_size: int, hint_layer: Optional[str]
     embedding = model.get_layer("head_dropout").input
     hint = model.get_layer(hint_layer).output if hint_layer else pool.input
     inner = keras.Model(model.inputs, [model.output, embedding, hint], name=f"{model.name}_features")
-    size = model.input_shape[1]
-    if size == image_size:
-        return inner
-    image = keras.Input((image_size, image_size, 3), name="image")
-    resized = keras.layers.Resizing(size, size, name=f"{model.name}_resize")(image)
-    return keras.Model(image, inner(resized), name=f"{model.name}_features_resized")
+    return resized_input(inner, image_size, f"{model.name}_resize")
 
 
 def mean_teacher_copy(student: keras.Model) -> keras.Model:
@@ -287,3 +288,56 @@ class RelationalSchedule(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
             logs.update(self.current)
+
+
+class Relational(Method):
+    """``distill.method: relational``: CRCKD (mean teacher, CCD, CRP) and the CRD, SP and FitNet baselines.
+
+    The teacher is the exponential moving average of the student (``teacher_mode:
+    mean_teacher``, saved as ``mean_teacher.keras`` when training ends) or one trained
+    model whose features are read inside the step (``fixed``; never cached logits).
+    The dataset carries each image's index (memory-bank rows) and, with
+    ``two_views``, a second augmentation for the teacher.
+    """
+
+    name = "relational"
+
+    @property
+    def mean_teacher(self) -> bool:
+        return self.cfg.relational.teacher_mode == "mean_teacher"
+
+    def build_teacher(self, image_size: int) -> Optional[keras.Model]:
+        return None if self.mean_teacher else models.load_model(self.teacher_paths[0])  # the raw model
+
+    def dataset_options(self) -> dict:
+        return {"with_index": True, "two_views": self.cfg.relational.two_views}
+
+    def trainer(self, student, loss_fn, train_labels, teacher):
+        cfg = self.cfg
+        return RelationalDistiller(student, loss_fn, train_labels, cfg.relational, cfg.data.image_size,
+                                   teacher=teacher, temperature=cfg.distill.temperature, labels=cfg.data.labels,
+                                   seed=cfg.seed)
+
+    def checkpoint_state(self, trainer):
+        return trainer.state(), trainer.train_variables()
+
+    def callbacks(self, trainer) -> list:
+        return [RelationalSchedule(trainer)]
+
+    def save_outputs(self, trainer, folder: Path) -> None:
+        if self.mean_teacher:  # QAT of this run distils from it (qat_plan)
+            models.save_model(trainer.ema, folder / "mean_teacher.keras")
+
+    def qat_plan(self, stage_dir: Path) -> QatPlan:
+        # The run's KL term is its logit KD (student loss + kl_weight * KD): QAT keeps that balance; the
+        # relation terms (CCD, CRP, ...) need the heads and memory banks, which QAT does not continue.
+        alpha = 1.0 / (1.0 + self.cfg.relational.kl_weight)
+        if self.mean_teacher:
+            path = stage_dir / "mean_teacher.keras"
+            if not path.is_file():
+                raise ConfigError(f"{stage_dir}: a mean-teacher run without its teacher ({path.name}, saved by "
+                                  "training since this version): retrain it to quantize it with QAT")
+            return QatPlan([path], "logit KD from the run's mean teacher (EMA of the student)", alpha)
+        files = teachers.run_teacher_files(self.cfg, stage_dir)
+        return QatPlan(files, "logit KD from the relational run's fixed teacher "
+                              f"({', '.join(f.name for f in files)})", alpha)

@@ -1,31 +1,31 @@
-"""Typed, strict experiment configuration.
+"""The configuration schema: frozen dataclasses, one per YAML section, and their range checks.
 
-A YAML file is merged into frozen dataclasses. Every key must exist in the
-schema (an unknown key is an error that names it and the closest valid key),
-every value is coerced to the declared type or rejected with the key's dotted
-path, and :meth:`Config.validate` checks ranges.
-
-PyYAML reads ``1e-4`` as the string ``"1e-4"`` (YAML 1.1 wants ``1.0e-4``),
-so float fields accept numeric strings.
+Every run is described by a :class:`Config` (train, evaluate, quantize, baselines,
+reference runs); a sweep by a :class:`SweepConfig`. :mod:`melanoma_tf.config.load`
+reads YAML into them: every key must exist here and every value is coerced to
+the declared type or rejected with the key's dotted path; ``validate`` checks
+ranges and the combinations that cannot work together.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import hashlib
-import os
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal, Optional
 
-import yaml
-
 from melanoma_tf.errors import MelanomaTfError
-from melanoma_tf.files import write_atomic
 
 STAGES = ("teacher", "student", "distill")
+# Flatbuffers melanoma_tf.quantize writes (fp64: a float64 Keras copy, for numerical checks only).
+QUANT_MODES = ("fp32", "fp16", "dynamic", "int8", "int16x8", "int4", "qat", "fp64")
+# Validation scores a run records at its best epoch; what sweeps may rank trials by.
+VALIDATION_SCORES = ("val_roc_auc", "val_pr_auc", "val_spec_at_sens95", "val_acc", "val_bma", "val_f1")
+
+
+def _get(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 class ConfigError(MelanomaTfError, ValueError):
@@ -215,8 +215,16 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def validate(self) -> "Config":
-        """Checks value ranges; raises ConfigError naming the key."""
-        checks = [
+        """Checks value ranges and combinations; raises ConfigError naming the key."""
+        for key, ok, message in self._range_checks():
+            if not ok:
+                raise ConfigError(f"{key}: {message} (got {_get(self, key)!r})")
+        self._check_stages()
+        self._check_distillation()
+        return self
+
+    def _range_checks(self) -> list[tuple[str, bool, str]]:
+        return [
             ("data.image_size", self.data.image_size >= 16, "must be >= 16"),
             ("data.holdout_fraction", 0 < self.data.holdout_fraction < 1, "must be in (0, 1)"),
             ("data.val_fraction", 0 < self.data.val_fraction < 1, "must be in (0, 1)"),
@@ -279,13 +287,20 @@ class Config:
              "must be >= 1"),
             ("stages", len(self.stages) >= 1, "must name at least one stage"),
         ]
-        for key, ok, message in checks:
-            if not ok:
-                raise ConfigError(f"{key}: {message} (got {_get(self, key)!r})")
+
+    def _check_stages(self) -> None:
         if len(set(self.stages)) != len(self.stages):
             raise ConfigError(f"stages: a stage is listed twice (got {list(self.stages)})")
         if list(self.stages) != sorted(self.stages, key=STAGES.index):
             raise ConfigError(f"stages: must be in the order teacher, student, distill (got {list(self.stages)})")
+
+    def _check_distillation(self) -> None:
+        if self.distill.method != "relational" and self.relational != RelationalConfig():
+            changed = [f.name for f in dataclasses.fields(RelationalConfig)
+                       if getattr(self.relational, f.name) != getattr(RelationalConfig(), f.name)]
+            raise ConfigError(f"relational: {', '.join(changed)} set, but distill.method is "
+                              f"{self.distill.method}, which ignores the relational section; set "
+                              "distill.method: relational or remove them")
         mean_teacher = self.distill.method == "relational" and self.relational.teacher_mode == "mean_teacher"
         if self.distill.method == "relational":
             if self.distill.teacher_outputs == "cached":
@@ -301,7 +316,6 @@ class Config:
                 and not mean_teacher):
             raise ConfigError("distill.teacher: the distill stage needs a teacher model path "
                               "(or the teacher stage in the same run)")
-        return self
 
     @property
     def num_outputs(self) -> int:
@@ -313,227 +327,55 @@ class Config:
         return self.seed if self.data.split_seed is None else self.data.split_seed
 
 
-# --------------------------------------------------------------------------- loading
 
 
-def _get(obj: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        obj = getattr(obj, part)
-    return obj
+# --------------------------------------------------------------------------- sweeps
 
 
-def _is_dataclass_type(tp: Any) -> bool:
-    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+@dataclass(frozen=True)
+class RaySettings:
+    address: Optional[str] = None  # an existing cluster ("auto", ray://...); omitted: a local one
+    cpus_per_trial: int = 1
+    gpus_per_trial: float = 0.0
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Converts a YAML value to the declared field type or raises ConfigError."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin is typing.Union:  # Optional[X]
-        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
-    if origin is Literal:
-        if value not in args:
-            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}{hint}")
-        return value
-    if origin is tuple:
-        if value is None:
-            return ()
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
-        return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
-    if _is_dataclass_type(tp):
-        if value is None:
-            return tp()
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
-        return _build(tp, value, key + ".")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        try:
-            number = float(value)
-        except ValueError:
-            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
-        if not number.is_integer():
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return int(number)
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        try:
-            return float(value)  # "1e-4" from PyYAML becomes 0.0001
-        except ValueError:
-            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
-    if tp is str:
-        if isinstance(value, (dict, list)) or value is None:
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return str(value)
-    raise TypeError(f"unsupported config type {tp} for {key}")
+@dataclass(frozen=True)
+class SweepConfig:
+    """A sweep YAML (:mod:`melanoma_tf.sweep`): a base experiment config and the axes to vary."""
 
+    base: Optional[str] = None  # the experiment config, relative to the sweep file
+    axes: dict[str, Any] = field(default_factory=dict)  # key: [values] or {label: {key: value, ...}}
+    set: tuple[str, ...] = ()  # overrides applied to every trial
+    search: Literal["grid", "random"] = "grid"
+    trials: Optional[int] = None  # random search: the budget; grid: the first N
+    folds: int = 0  # K-fold CV of the non-holdout part per trial (0: one split)
+    workers: int = 1  # parallel trials (ray: 0 = as many as the cluster fits)
+    seed: int = 0
+    output: str = "runs/sweeps"
+    metric: str = "val_roc_auc"  # a validation score: never an external set's (it would become a tuning set)
+    backend: Literal["local", "ray"] = "local"
+    quantize: tuple[str, ...] = ()  # post-training modes scored per trained run
+    ray: RaySettings = field(default_factory=RaySettings)
 
-# Names from other frameworks that string similarity would not map to ours.
-_ALIASES = {"learning_rate": "lr", "num_epochs": "epochs", "bs": "batch_size", "t": "temperature",
-            "img_size": "image_size", "input_size": "image_size", "size": "image_size", "kd_alpha": "alpha"}
-
-
-def _build(cls: type, values: dict, prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in values.items():
-        if key not in names:
-            alias = _ALIASES.get(str(key).lower())
-            close = [alias] if alias in names else difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
-            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {names}"
-            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
-        kwargs[key] = _coerce(value, hints[key], prefix + key)
-    return cls(**kwargs)
-
-
-def _nest(dotted: str, value: Any) -> dict:
-    out: dict = {}
-    node = out
-    parts = dotted.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
-    return out
-
-
-def _merge(base: dict, update: dict) -> dict:
-    merged = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def parse_override(text: str) -> dict:
-    """Turns ``section.key=value`` into a nested dict; the value is parsed as YAML."""
-    if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected section.key=value")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not key:
-        raise ConfigError(f"--set {text!r}: empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {err}") from None
-    return _nest(key, value)
-
-
-def from_dict(values: dict | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Builds and validates a Config from a plain dict plus ``key=value`` overrides."""
-    values = dict(values or {})
-    for text in overrides:
-        values = _merge(values, parse_override(text))
-    return _build(Config, values).validate()
-
-
-def _read_with_base(path: Path, seen: tuple[Path, ...]) -> dict:
-    """A config file's mapping; ``base: other.yaml`` (relative to the file) is read first and updated by the rest."""
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}" + (f" (the base of {seen[-1]})" if seen else ""))
-    if path.resolve() in seen:
-        raise ConfigError(f"{path}: base configs form a cycle ({' -> '.join(str(p) for p in seen)})")
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    base = values.pop("base", None)
-    if base is None:
-        return values
-    if not isinstance(base, str):
-        raise ConfigError(f"{path}: base: expected a config file name, got {base!r}")
-    return _merge(_read_with_base(path.parent / base, seen + (path.resolve(),)), values)
-
-
-def load(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Loads a YAML config file, applies overrides and validates it.
-
-    A file may start from another with ``base: other.yaml`` (relative to it),
-    then change only some keys.
-
-    Args:
-      path: the YAML file.
-      overrides: ``section.key=value`` strings, applied in order.
-
-    Returns:
-      The frozen, validated Config. If ``output.name`` is unset it becomes the file's stem.
-
-    Raises:
-      ConfigError: naming the file and the offending key.
-    """
-    path = Path(path)
-    values = _read_with_base(path, ())
-    try:
-        config = from_dict(values, overrides)
-    except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
-    if config.output.name is None:
-        config = replace(config, "output.name", path.stem)
-    return config
-
-
-def replace(config: Config, dotted: str, value: Any) -> Config:
-    """Returns a copy of config with one dotted key replaced (and re-validated)."""
-    parts = dotted.split(".")
-
-    def _rec(obj: Any, idx: int) -> Any:
-        if idx == len(parts) - 1:
-            return dataclasses.replace(obj, **{parts[idx]: value})
-        child = getattr(obj, parts[idx])
-        return dataclasses.replace(obj, **{parts[idx]: _rec(child, idx + 1)})
-
-    return _rec(config, 0).validate()
-
-
-def to_dict(config: Config) -> dict:
-    """A plain-dict (YAML-ready) view of the config; tuples become lists."""
-
-    def _plain(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: _plain(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [_plain(v) for v in value]
-        return value
-
-    return _plain(dataclasses.asdict(config))
-
-
-def to_yaml(config: Config) -> str:
-    return yaml.safe_dump(to_dict(config), sort_keys=False)
-
-
-def fingerprint(config: Config, ignore: tuple[str, ...] = ("output", "train.verbose")) -> str:
-    """A short hash of the config without the given keys, to match resumed runs."""
-    values = to_dict(config)
-    for dotted in ignore:
-        node = values
-        parts = dotted.split(".")
-        for part in parts[:-1]:
-            node = node[part]
-        node.pop(parts[-1], None)
-    return hashlib.sha256(yaml.safe_dump(values, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def save(config: Config, path: str | os.PathLike) -> None:
-    """Writes the resolved config as YAML, atomically."""
-    write_atomic(path, to_yaml(config))
+    def validate(self) -> "SweepConfig":
+        if self.base is None or not self.axes:
+            raise ConfigError("a sweep needs 'base' (an experiment config) and 'axes'")
+        if self.metric not in VALIDATION_SCORES:
+            raise ConfigError(f"metric: {self.metric!r} is not one of the validation scores "
+                              f"{list(VALIDATION_SCORES)}")
+        if self.search == "random" and not self.trials:
+            raise ConfigError("trials: random search needs a trial budget")
+        bad = [m for m in self.quantize if m not in QUANT_MODES or m == "fp64"]
+        if bad:
+            raise ConfigError(f"quantize: unknown mode(s) {bad}; choose from "
+                              f"{[m for m in QUANT_MODES if m != 'fp64']} (or 4-bit)")
+        if self.workers < (0 if self.backend == "ray" else 1) or self.folds < 0 or self.folds == 1:
+            raise ConfigError("workers must be >= 1 (ray: >= 0, 0 = as many as fit) and folds 0 or >= 2")
+        for axis, values in self.axes.items():
+            if not isinstance(values, (list, dict)):
+                raise ConfigError(f"axes.{axis}: expected a list of values or a mapping of named settings")
+            if not values:
+                raise ConfigError(f"axes.{axis}: no values")
+            if isinstance(values, dict) and not all(isinstance(v, dict) for v in values.values()):
+                raise ConfigError(f"axes.{axis}: each named value must be a mapping of config keys")
+        return self

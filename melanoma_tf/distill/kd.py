@@ -1,4 +1,4 @@
-"""The Distiller: trains a student with a frozen teacher (or alone).
+"""Logit knowledge distillation: the Distiller, which trains a student with a frozen teacher (or alone).
 
 Loss = alpha * student_loss(y, z_s) + (1 - alpha) * T^2 * KD(z_t / T, z_s / T).
 
@@ -10,9 +10,16 @@ The Distiller is never saved or quantized; ``student`` is.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
+
 from melanoma_tf.backend import keras, tf
+from melanoma_tf.config import Config
+from melanoma_tf.data import PreparedData
+from melanoma_tf.distill import teachers
+from melanoma_tf.distill.base import Method, QatPlan
 from melanoma_tf.losses import KD_LOSSES
 
 
@@ -94,3 +101,48 @@ class Distiller(keras.Model):
 
     def compute_metrics(self, x, y, y_pred, sample_weight):
         return self.get_metrics_result()
+
+
+class Supervised(Method):
+    """The ``teacher`` and ``student`` stages: the student loss alone (the Distiller with alpha 1)."""
+
+    name = "none"
+
+    def trainer(self, student, loss_fn, train_labels, teacher):
+        return Distiller(student, loss_fn, temperature=self.cfg.distill.temperature, labels=self.cfg.data.labels)
+
+
+class LogitKD(Method):
+    """``distill.method: kd``: the student loss plus temperature-scaled KD on the teacher's logits.
+
+    The teacher is one ``.keras`` model or the logit mean of several, either run on
+    every batch (``teacher_outputs: online``) or run once over the training split,
+    unaugmented, at its own resolution (``cached``, optionally with 4-flip TTA).
+    """
+
+    name = "kd"
+
+    def __init__(self, cfg: Config, teacher_paths: Optional[list[Path]] = None):
+        super().__init__(cfg, teacher_paths)
+        self.cached: Optional[np.ndarray] = None
+
+    def build_teacher(self, image_size: int) -> Optional[keras.Model]:
+        if self.cfg.distill.teacher_outputs == "online":
+            return teachers.load_teacher(self.teacher_paths, image_size)
+        return None
+
+    def prepare(self, data: PreparedData, folder: Path) -> None:
+        if self.cfg.distill.teacher_outputs == "cached":
+            self.cached = teachers.teacher_logits(self.teacher_paths, data, self.cfg, folder)
+
+    def dataset_options(self) -> dict:
+        return {"teacher_logits": self.cached}
+
+    def trainer(self, student, loss_fn, train_labels, teacher):
+        return Distiller(student, loss_fn, teacher=teacher, alpha=self.cfg.distill.alpha,
+                         temperature=self.cfg.distill.temperature, labels=self.cfg.data.labels)
+
+    def qat_plan(self, stage_dir: Path) -> QatPlan:
+        files = teachers.run_teacher_files(self.cfg, stage_dir)
+        return QatPlan(files, f"logit KD from the run's teacher ({', '.join(f.name for f in files)})",
+                       self.cfg.distill.alpha)
