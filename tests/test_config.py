@@ -114,3 +114,10 @@ def test_missing_file_and_bad_yaml(tmp_path):
         C.load(write(tmp_path, "train: [unclosed\n"))
     with pytest.raises(ConfigError, match="mapping"):
         C.load(write(tmp_path, "- a\n- b\n"))
+
+
+def test_relational_settings_are_refused_where_nothing_reads_them():
+    with pytest.raises(ConfigError, match="relational: tau, k_pos set, but distill.method is kd"):
+        C.from_dict({"relational": {"tau": 0.1, "k_pos": 3}})
+    cfg = C.from_dict({"distill": {"method": "relational"}, "relational": {"tau": 0.1}})
+    assert cfg.relational.tau == 0.1
