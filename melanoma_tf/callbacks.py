@@ -74,14 +74,17 @@ class EpochCheckpoint(keras.callbacks.Callback):
       phase: name of the training phase (e.g. ``head``, ``finetune``).
       patience: early-stopping patience in epochs on ``val_roc_auc`` (0: off).
       extras: more trackable state saved in the same checkpoint (a relational
-        distiller's memory banks, projection heads and mean teacher).
+        distiller's memory banks, projection heads and mean teacher; a weight average).
+      best_model: the model whose weights are kept as ``best.weights.h5`` (default ``student``;
+        the weight average when training keeps one).
     """
 
     def __init__(self, folder: Path, student: keras.Model, optimizer, phase: str, patience: int = 0,
-                 extras=None):
+                 extras=None, best_model: Optional[keras.Model] = None):
         super().__init__()
         self.folder = Path(folder)
         self.student = student
+        self.best_model = best_model if best_model is not None else student
         self.optimizer = optimizer
         self.phase = phase
         self.patience = patience
@@ -108,7 +111,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
         if improved:
             state.update(best=float(score), best_epoch=epoch + 1, wait=0)
             tmp = self.folder / ".best.tmp.weights.h5"
-            self.student.save_weights(str(tmp))
+            self.best_model.save_weights(str(tmp))
             tmp.replace(self.folder / "best.weights.h5")
         else:
             state["wait"] = state.get("wait", 0) + 1
@@ -125,6 +128,40 @@ class EpochCheckpoint(keras.callbacks.Callback):
             self.model.stop_training = True
             state["stopped_phase"] = self.phase
             write_json(self.folder / "state.json", state)
+
+
+class WeightAverage(keras.callbacks.Callback):
+    """An exponential moving average of the student's weights, updated after every training step.
+
+    ``average`` is a copy of the student holding the averaged weights (BatchNorm statistics
+    included); the decay warms up as ``min(decay, (1 + n) / (10 + n))`` after ``n`` steps, so
+    the first steps do not keep the start weights for long. Checkpointed with :meth:`trackable`.
+    """
+
+    def __init__(self, student: keras.Model, decay: float):
+        super().__init__()
+        self.average = keras.models.clone_model(student)
+        self.average.set_weights(student.get_weights())
+        self.average.trainable = False
+        self.average._name = f"{student.name}_average"
+        self.pairs = [(a, w) for layer in student.layers
+                      for a, w in zip(self.average.get_layer(layer.name).weights, layer.weights)]
+        self.decay = float(decay)
+        self.steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="average_steps")
+
+    def trackable(self) -> tf.train.Checkpoint:
+        return tf.train.Checkpoint(model=self.average, steps=self.steps)
+
+    @tf.function
+    def _update(self):
+        n = tf.cast(self.steps, tf.float32)
+        decay = tf.minimum(self.decay, (1.0 + n) / (10.0 + n))
+        for average, weight in self.pairs:
+            average.assign(decay * average + (1.0 - decay) * tf.cast(weight, average.dtype))
+        self.steps.assign_add(1)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._update()
 
 
 def history_csv(rows: list[dict]) -> str:

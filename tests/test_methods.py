@@ -18,6 +18,7 @@ import pytest
 from conftest import REPO, tiny_overrides
 from melanoma_tf import callbacks as cb
 from melanoma_tf import config as C
+from melanoma_tf import metrics as M
 from melanoma_tf import models, runs
 from melanoma_tf import quantize as Q
 from melanoma_tf import train as T
@@ -84,6 +85,14 @@ def test_every_method_trains_checkpoints_exports_and_quantizes(name, synthetic_r
     folder = tmp_path / "stage"
     metrics = T.train_stage(stage, cfg, data, folder, [teacher_file])
     assert metrics["epochs_run"] == 2 and 0 <= metrics["val_roc_auc"] <= 1
+    # A logit-KD stage says how its teacher scores on validation (at the teacher's resolution): the number
+    # that decides whether distilling from it is worth it.
+    assert ("teacher_val_roc_auc" in metrics) == (name == "kd")
+    if name == "kd":
+        val = data.part("val")
+        z = load_teacher([teacher_file], 40).predict(load_images(val["path"].tolist(), 40), verbose=0)
+        assert metrics["teacher_val_roc_auc"] == pytest.approx(M.roc_auc(val["label"].to_numpy(), z.reshape(-1)),
+                                                               abs=1e-4)
 
     # The exported model is the plain student: same layers and parameters as a freshly built one.
     exported = models.load_model(folder / "model.keras")

