@@ -139,6 +139,7 @@ class Loop:
       tensorboard: write TensorBoard logs to ``folder/tensorboard``.
       verbose: Keras progress output.
       strategy: the distribution strategy the trainer and optimizer are created in.
+      name: what the log lines call this training.
     """
 
     train_ds: tf.data.Dataset
@@ -157,6 +158,7 @@ class Loop:
     tensorboard: bool = False
     verbose: int = 1
     strategy: Optional[tf.distribute.Strategy] = None
+    name: str = "training"  # what the log calls it ("stage student", "QAT")
 
 
 def fit_student(student: keras.Model, loop: Loop, folder: Path, phases: list[Phase], resume: bool = True):
@@ -173,7 +175,7 @@ def fit_student(student: keras.Model, loop: Loop, folder: Path, phases: list[Pha
             (folder / stale).unlink(missing_ok=True)
     start_epoch = int(state.get("epoch", 0))
     if start_epoch:
-        log.info("resuming from epoch %d (phase %s)", start_epoch, state.get("phase"))
+        log.info("resuming %s from epoch %d (phase %s)", loop.name, start_epoch, state.get("phase"))
     strategy = loop.strategy or tf.distribute.get_strategy()
     phase_start, trainer = 0, None
     for phase in phases:

@@ -296,7 +296,8 @@ def qat_finetune(student: keras.Model, cfg, stage_dir: Path, folder: Path, epoch
     loop = Loop(train_ds, val_images, val["label"].to_numpy(), loss_fn, cfg.data.labels,
                 make_trainer=lambda model: Distiller(model, loss_fn, alpha=plan.alpha,
                                                      temperature=cfg.distill.temperature, labels=cfg.data.labels),
-                optimizer_for=lambda phase: keras.optimizers.Adam(phase.lr), verbose=cfg.train.verbose)
+                optimizer_for=lambda phase: keras.optimizers.Adam(phase.lr), verbose=cfg.train.verbose,
+                name="QAT")
     fit_student(qat, loop, folder, [Phase("qat", epochs, lr)])
     return qat
 

@@ -145,7 +145,7 @@ def train_stage(stage: str, cfg: Config, data: PreparedData, folder: Path,
                 checkpoint_state=method.checkpoint_state, method_callbacks=method.callbacks,
                 schedule_callbacks=on_plateau, before_phase=unfreeze_for_finetuning(cfg, folder),
                 patience=cfg.train.early_stopping_patience, ema_decay=cfg.train.ema_decay, tensorboard=True,
-                verbose=cfg.train.verbose, strategy=strategy)
+                verbose=cfg.train.verbose, strategy=strategy, name=f"stage {stage}")
     trainer = fit_student(student, loop, folder, phases_for(stage, cfg), resume)
     models.save_model(student, folder / "model.keras")
     if trainer is not None:
