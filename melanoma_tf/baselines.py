@@ -32,10 +32,10 @@ from sklearn.preprocessing import StandardScaler
 from melanoma_tf import config as cfgmod
 from melanoma_tf import data as datamod
 from melanoma_tf import metrics as M
-from melanoma_tf import plots, report
+from melanoma_tf import report
 from melanoma_tf.cli import run_main
 from melanoma_tf.config import ConfigError
-from melanoma_tf.evaluation import EXTERNAL_KEYS, binary_report, external_frame
+from melanoma_tf.evaluation import EXTERNAL_KEYS, binary_report, external_frame, write_scored_split
 from melanoma_tf.files import write_atomic, write_json
 from melanoma_tf.pipeline import load_images
 from melanoma_tf.runs import new_run_dir, prepare_data, resolve_stage_dir
@@ -182,16 +182,7 @@ def run_baselines(cfg, run_dir: Optional[str] = None, names: tuple[str, ...] = (
                        "split": "holdout", "threshold_source": "validation", "run": str(out_dir / name)})
         eval_dir = out_dir / name / "eval_holdout"
         eval_dir.mkdir(parents=True, exist_ok=True)
-        predictions = test[["image_id", "lesion_id", "label"]].assign(probability=scores["holdout"])
-        predictions["called_melanoma"] = predictions["probability"] >= result["threshold"]
-        write_atomic(eval_dir / "predictions.csv", predictions.to_csv(index=False))
-        audit = test.assign(prob=scores["holdout"])
-        if "age" in audit.columns:
-            audit["age_band"] = audit["age"].map(M.age_band)
-        result["subgroups"] = M.subgroup_audit(audit, result["threshold"])
-        p_cal = M.sigmoid(M.logit(scores["holdout"]) / result["temperature"])
-        figures = plots.binary_figures(eval_dir, test["label"].to_numpy(), scores["holdout"], p_cal,
-                                       result["threshold"])
+        _, figures = write_scored_split(eval_dir, test, M.logit(scores["holdout"]), test["label"].to_numpy(), result)
         result["external"] = _score_externals(estimator, externals, parts["val"]["label"].to_numpy(), scores["val"],
                                               eval_dir, name, cfg.seed, target_sensitivity, n_boot)
         write_json(eval_dir / "metrics.json", result)
