@@ -137,6 +137,15 @@ def test_assemble_writes_the_results_folder_and_checks_the_targets(tmp_path):
     (tflite / "int8.json").write_text(json.dumps({"model": "int8.tflite", "threshold": 0.4}))
     summary = RR.assemble(out, results, [1, 2, 3], {"teacher": 100.0}, "python tools/reference_run.py")
     assert summary["shipped_int8"] == {"mode": "int8", "validation_roc_auc": {"qat": 0.88, "int8": 0.90}}
+    # Distill stages that scored their teacher on validation (the ensemble, with TTA) add that comparison.
+    assert not any(t["target"].startswith("distillation teacher") for t in summary["targets"])
+    (out / "distill_seed1" / "metrics.json").write_text(json.dumps({"teacher_val_roc_auc": 0.905}))
+    summary = RR.assemble(out, results, [1, 2, 3], {"teacher": 100.0}, "python tools/reference_run.py")
+    ensemble = next(t for t in summary["targets"] if t["target"].startswith("distillation teacher"))
+    best_student = summary["best_student_val_roc_auc"]
+    assert ensemble["value"] == pytest.approx(0.905 - best_student) and ensemble["met"] == (0.905 - best_student > 0.01)
+    assert summary["distillation_teacher_val_roc_auc"] == 0.905
+    assert "scores validation ROC-AUC 0.905" in (results / "report.md").read_text()
     assert next(t for t in summary["targets"] if t["target"] == "int8 holdout ROC-AUC")["value"] == 0.92
     assert (results / "student_int8.tflite").stat().st_size == 204
     assert "post-training int8 quantization" in (results / "report.md").read_text()

@@ -188,7 +188,9 @@ def assemble(out: Path, results: Path, seeds: list[int], timings: dict, command:
     float_auc = kd[seeds[0]]["roc_auc"]
     teacher_val = _metrics(out / "teacher")["val_roc_auc"]
     # what the students were distilled from: the ensemble of the teacher and the no-KD students, with TTA
-    distill_teacher_val = _metrics(out / f"distill_seed{seeds[0]}").get("teacher_val_roc_auc")
+    distill_stage = out / f"distill_seed{seeds[0]}" / "metrics.json"  # recorded since the distill stage scores it
+    distill_teacher_val = (json.loads(distill_stage.read_text()).get("teacher_val_roc_auc")
+                           if distill_stage.is_file() else None)
     student_val = max(_metrics(out / f"student_seed{s}")["val_roc_auc"] for s in seeds)
     checks = [
         ("int8 holdout ROC-AUC", qat["roc_auc"], ">= 0.93", qat["roc_auc"] >= 0.93),
