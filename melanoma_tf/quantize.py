@@ -269,12 +269,6 @@ def qat_plan(cfg, stage_dir: Path) -> QatPlan:
     return method_for(stage, cfg).qat_plan(stage_dir)
 
 
-def qat_teacher(cfg, stage_dir: Path) -> tuple[Optional[list[Path]], str]:
-    """The teacher file(s) QAT distils from (None: plain fine-tuning) and a line saying so."""
-    plan = qat_plan(cfg, stage_dir)
-    return plan.teacher_files, plan.description
-
-
 def qat_finetune(student: keras.Model, cfg, stage_dir: Path, folder: Path, epochs: int, lr: float) -> keras.Model:
     """Quantization-aware fine-tuning of the student on the training split; returns the QAT model.
 

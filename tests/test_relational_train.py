@@ -125,7 +125,8 @@ def test_relational_run_resume_and_relation_analysis(synthetic_root, tmp_path):
     from melanoma_tf import quantize as Q
     from melanoma_tf.models import load_model as load
 
-    teacher_files, source = Q.qat_teacher(cfg, run_dir)
+    plan = Q.qat_plan(cfg, run_dir)
+    teacher_files, source = plan.teacher_files, plan.description
     assert teacher_files == [run_dir / "mean_teacher.keras"] and "mean teacher" in source
     ema = load(run_dir / "mean_teacher.keras")
     assert ema.output_shape == (None, 7)
@@ -134,11 +135,12 @@ def test_relational_run_resume_and_relation_analysis(synthetic_root, tmp_path):
     assert (tmp_path / "qat" / "teacher_logits.npz").is_file() and qat.output_shape == (None, 7)
     (run_dir / "mean_teacher.keras").unlink()
     with pytest.raises(ConfigError, match="mean-teacher run without its teacher"):
-        Q.qat_teacher(cfg, run_dir)
+        Q.qat_plan(cfg, run_dir)
     # a fixed-teacher relational run: QAT distils from that teacher, said so, not silently plain KD
     fixed = C.replace(C.replace(cfg, "distill.teacher", (str(run_dir / "model.keras"),)),
                       "relational.teacher_mode", "fixed")
-    teacher_files, source = Q.qat_teacher(fixed, run_dir)
+    plan = Q.qat_plan(fixed, run_dir)
+    teacher_files, source = plan.teacher_files, plan.description
     assert teacher_files == [run_dir / "model.keras"] and "relational run's fixed teacher" in source
 
     from melanoma_tf import evaluation as E
