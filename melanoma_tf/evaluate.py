@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--latency-runs", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1, help="TensorFlow threads (latency is batch 1)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-external", action="store_true",
+                        help="do not also score the run's external test sets (data.external)")
     return parser
 
 
@@ -63,7 +65,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         configure_threads(args.threads)
         return "report: " + str(evaluate(args.run, args.model, args.split, args.images, args.labels, args.out,
                                          args.target_sensitivity, args.refer_fraction, args.bootstrap,
-                                         args.gradcam, args.latency_runs, args.seed))
+                                         args.gradcam, args.latency_runs, args.seed,
+                                         external=not args.no_external))
 
     return run_main(work)
 

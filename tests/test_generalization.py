@@ -12,6 +12,7 @@ import pytest
 from conftest import REPO, tiny_overrides
 from melanoma_tf import config as C
 from melanoma_tf import data as D
+from melanoma_tf import evaluate as evaluate_cmd
 from melanoma_tf import evaluation as E
 from melanoma_tf import metrics as M
 from melanoma_tf import runs
@@ -94,6 +95,12 @@ def test_every_run_scores_its_external_sets_beside_the_holdout(synthetic_root, e
     assert "## External test sets" in report and "| clinic_b |" in report and "skipped: not found" in report
     compare = (run_dir / "compare" / "compare.md").read_text()
     assert "clinic_b ROC-AUC" in compare and f"{ext['roc_auc']:.3f}" in compare
+    # --no-external scores the split alone (what the reference run's validation comparisons need)
+    assert evaluate_cmd.main(["--run", str(run_dir), "--split", "val", "--no-external", "--bootstrap", "20", "--gradcam", "0",
+                   "--latency-runs", "2", "--out", str(tmp_path / "val_only")]) == 0
+    val_only = json.loads((tmp_path / "val_only" / "metrics.json").read_text())
+    assert not val_only.get("external") and not (tmp_path / "val_only" / "external").exists()
+    assert val_only["n_images"] == len(pd.read_csv(tmp_path / "val_only" / "predictions.csv"))
 
 
 @pytest.mark.slow

@@ -20,7 +20,10 @@ def test_plan_trains_students_on_one_split_and_distils_from_the_ensemble(tmp_pat
     steps = RR.plan(REPO / "configs" / "reference_ham10000.yaml", ["data.root=/data"], tmp_path, 224, [1, 2, 3], 3,
                     100)
     assert [s.name for s in steps] == ["teacher", "teacher_efficientnet_lite0", "student_seed1", "student_seed2",
-                                       "student_seed3", "distill_seed1", "distill_seed2", "distill_seed3",
+                                       "student_seed3", "teacher_on_validation",
+                                       "teacher_efficientnet_lite0_on_validation", "student_seed1_on_validation",
+                                       "student_seed2_on_validation", "student_seed3_on_validation",
+                                       "distill_seed1", "distill_seed2", "distill_seed3",
                                        "quantize", "int8_on_validation", "qat_on_validation", "tiny_student",
                                        "tiny_quantize", "baselines"]
     argv = {s.name: " ".join(s.argv) for s in steps}
@@ -40,6 +43,10 @@ def test_plan_trains_students_on_one_split_and_distils_from_the_ensemble(tmp_pat
     assert f"--run {tmp_path / 'distill_seed1'}" in argv["quantize"]
     assert f"--run {tmp_path / 'distill_seed1'}" in argv["baselines"]  # baselines use the distilled run's split
     assert "--split val" in argv["qat_on_validation"] and "qat.tflite" in argv["qat_on_validation"]
+    # every ensemble member scored on validation alone (no external sets), for the teacher-vs-student margin
+    assert f"--run {tmp_path / 'student_seed2'} --split val --no-external" in argv["student_seed2_on_validation"]
+    assert f"--out {tmp_path / 'teacher_efficientnet_lite0' / 'eval_val'}" in \
+        argv["teacher_efficientnet_lite0_on_validation"]
     # One split for all: the config fixes data.split_seed, so the students' seeds do not move it.
     from melanoma_tf import config as C
 
@@ -161,5 +168,51 @@ def test_assemble_writes_the_results_folder_and_checks_the_targets(tmp_path):
     assert "scores validation ROC-AUC 0.905" in (results / "report.md").read_text()
     assert next(t for t in summary["targets"] if t["target"] == "int8 holdout ROC-AUC")["value"] == 0.92
     assert (results / "student_int8.tflite").stat().st_size == 204
+    # With every ensemble member scored on validation: the margin, its paired interval, and a target on it
+    assert not any("paired 95%" in t["target"] for t in summary["targets"])
+    for name, logits in (("teacher", [0, 5, 1, 6, 2, 7, 3, 8]), ("teacher_efficientnet_lite0", [0, 5, 1, 6, 2, 7, 3, 8]),
+                         ("student_seed1", [0, 3, 1, 5, 2, 6, 4, 7]), ("student_seed2", [4, 2, 5, 3, 0, 6, 1, 7]),
+                         ("student_seed3", [4, 2, 5, 3, 0, 6, 1, 7])):
+        _val_predictions(out / name, logits)
+    summary = RR.assemble(out, results, [1, 2, 3], {"teacher": 100.0}, "python tools/reference_run.py",
+                          bootstrap=100)
+    margin = summary["distillation_teacher_val_margin"]
+    assert margin["best_student"] == "student_seed1" and margin["ensemble"] == 1.0
+    target = next(t for t in summary["targets"] if "paired 95%" in t["target"])
+    assert target["value"] == margin["ci"][0] and target["met"] == (margin["ci"][0] > 0)
+    assert "paired 95% bootstrap interval over lesions" in (results / "report.md").read_text()
     assert "post-training int8 quantization" in (results / "report.md").read_text()
     assert sum(p.stat().st_size for p in results.iterdir()) < 5e6
+
+
+def _val_predictions(folder, logits, ids=None):
+    (folder / "eval_val").mkdir(parents=True, exist_ok=True)
+    ids = ids or [f"img{i}" for i in range(8)]
+    pd.DataFrame({"image_id": ids, "lesion_id": [f"les{i // 2}" for i in range(8)],
+                  "label": [0, 1, 0, 1, 0, 1, 0, 1], "logit": logits}).to_csv(folder / "eval_val" / "predictions.csv",
+                                                                              index=False)
+
+
+def test_teacher_margin_is_the_ensemble_against_the_best_student_paired_over_lesions(tmp_path):
+    members = [tmp_path / n for n in ("teacher", "student_seed1", "student_seed2")]
+    students = members[1:]
+    assert RR._teacher_margin(members, students, 50) is None  # not scored on validation: no claim
+    # the teacher ranks every melanoma first; seed 1 misranks one pair (AUC 15/16), seed 2 four (AUC 12/16)
+    _val_predictions(members[0], [0, 5, 1, 6, 2, 7, 3, 8])
+    _val_predictions(members[1], [0, 3, 1, 5, 2, 6, 4, 7])
+    _val_predictions(members[2], [4, 2, 5, 3, 0, 6, 1, 7])
+    margin = RR._teacher_margin(members, students, 200)
+    y = np.array([0, 1, 0, 1, 0, 1, 0, 1])
+    mean = np.mean([[0, 5, 1, 6, 2, 7, 3, 8], [0, 3, 1, 5, 2, 6, 4, 7], [4, 2, 5, 3, 0, 6, 1, 7]], axis=0)
+    from melanoma_tf import metrics as M
+
+    assert margin["best_student"] == "student_seed1" and margin["student"] == pytest.approx(15 / 16)
+    assert margin["ensemble"] == pytest.approx(M.roc_auc(y, mean))
+    assert margin["difference"] == pytest.approx(M.roc_auc(y, mean) - 15 / 16)
+    low, high = margin["ci"]
+    assert low <= margin["difference"] <= high and high - low > 0  # resampling lesions moves it
+    assert margin["n_images"] == 8 and margin["n_melanoma"] == 4
+    # Predictions of other images are not compared: a clear error naming the file
+    _val_predictions(members[2], [4, 2, 5, 3, 0, 6, 1, 7], ids=[f"other{i}" for i in range(8)])
+    with pytest.raises(ValueError, match="student_seed2/eval_val/predictions.csv: not the validation images"):
+        RR._teacher_margin(members, students, 50)

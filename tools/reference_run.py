@@ -74,6 +74,13 @@ def plan(config: Path, overrides: list[str], out: Path, teacher_size: int, seeds
                                                           "--run-dir", str(folder)],
                           folder / "eval_holdout" / "metrics.json"))
     members = [str(out / name) for name in TEACHERS] + [str(out / f"student_seed{s}") for s in seeds]
+    # Validation predictions of every ensemble member: is their mean clearly better than the best student alone?
+    for folder in map(Path, members):
+        steps.append(Step(f"{folder.name}_on_validation",
+                          py + ["melanoma_tf.evaluate", "--run", str(folder), "--split", "val", "--no-external",
+                                "--out", str(folder / "eval_val"), "--gradcam", "0", "--bootstrap", "200",
+                                "--latency-runs", "5"],
+                          folder / "eval_val" / "metrics.json"))
     for seed in seeds:
         folder = out / f"distill_seed{seed}"
         steps.append(Step(f"distill_seed{seed}", train + ["--set", "stages=[distill]", "--set", f"seed={seed}",
@@ -155,7 +162,7 @@ def _shipped_evaluation(eval_dir: Path, model_name: str, run_name: str, model_fi
 
 
 def assemble(out: Path, results: Path, seeds: list[int], timings: dict, command: str,
-             external: str = "isic2017") -> dict:
+             external: str = "isic2017", bootstrap: int = 1000) -> dict:
     """Writes the results folder from the finished run; returns the summary."""
     from melanoma_tf import report
 
@@ -205,6 +212,8 @@ def assemble(out: Path, results: Path, seeds: list[int], timings: dict, command:
     distill_teacher_val = (json.loads(distill_stage.read_text()).get("teacher_val_roc_auc")
                            if distill_stage.is_file() else None)
     student_val = max(_metrics(out / f"student_seed{s}")["val_roc_auc"] for s in seeds)
+    margin = _teacher_margin([folder for folder in teachers.values()] + [out / f"student_seed{s}" for s in seeds],
+                             [out / f"student_seed{s}" for s in seeds], bootstrap)
     checks = [
         ("int8 holdout ROC-AUC", qat["roc_auc"], ">= 0.93", qat["roc_auc"] >= 0.93),
         ("int8 holdout specificity at the validation-chosen 95%-sensitivity threshold", qat["specificity"],
@@ -219,6 +228,9 @@ def assemble(out: Path, results: Path, seeds: list[int], timings: dict, command:
         *([("distillation teacher (ensemble, TTA) minus the best no-KD student, validation ROC-AUC",
             distill_teacher_val - student_val, "> 0.01", distill_teacher_val - student_val > 0.01)]
           if distill_teacher_val is not None else []),
+        *([("distillation teacher (mean logit, no TTA) minus the best no-KD student, validation ROC-AUC: lower "
+            "end of the paired 95% bootstrap interval", margin["ci"][0], "> 0", margin["ci"][0] > 0)]
+          if margin else []),
         ("distilled minus no-KD, holdout ROC-AUC (mean of seeds)", float(np.mean(gains["holdout"])), "> 0",
          float(np.mean(gains["holdout"])) > 0),
     ]
@@ -254,6 +266,7 @@ def assemble(out: Path, results: Path, seeds: list[int], timings: dict, command:
         "shipped_int8": {"mode": shipped, "validation_roc_auc": val_auc},
         "teacher_val_roc_auc": teacher_vals, "best_student_val_roc_auc": student_val,
         "distillation_teacher_val_roc_auc": distill_teacher_val,
+        "distillation_teacher_val_margin": margin,
         "teacher_ensemble_holdout_roc_auc": ensemble_auc,
         "models": {name: {**{k: m.get(k) for k in keys},
                           "external": {e: {k: v for k, v in d.items() if k != "folder"}
@@ -318,7 +331,11 @@ def assemble(out: Path, results: Path, seeds: list[int], timings: dict, command:
              "teachers and the no-KD students"
              + (f" (4-flip TTA), scores validation ROC-AUC {distill_teacher_val:.3f} and"
                 if distill_teacher_val is not None else ",")
-             + f" holdout ROC-AUC {ensemble_auc:.3f} (for information; never chosen on the holdout).", "",
+             + f" holdout ROC-AUC {ensemble_auc:.3f} (for information; never chosen on the holdout)."
+             + (f" On the same validation images without TTA it scores {margin['ensemble']:.3f} against "
+                f"{margin['student']:.3f} for the best no-KD student ({margin['best_student']}): "
+                f"{margin['difference']:+.3f}, paired 95% bootstrap interval over lesions "
+                f"[{margin['ci'][0]:+.3f}, {margin['ci'][1]:+.3f}]." if margin else ""), "",
              "## Does distillation pay?", "", *gain_lines, "",
              "## The int8 model that ships", "",
              f"`student_int8.tflite` is the distilled student (seed {seeds[0]}) quantized by "
@@ -343,6 +360,42 @@ def assemble(out: Path, results: Path, seeds: list[int], timings: dict, command:
               "the int8 student's ROC, PR, calibration and threshold plots.", ""]
     write_atomic(results / "report.md", "\n".join(lines))
     return summary
+
+
+def _teacher_margin(members: list[Path], students: list[Path], n_boot: int) -> Optional[dict]:
+    """The distillation teacher (mean logit of ``members``) against the best of ``students``, on validation.
+
+    Uses each folder's ``eval_val/predictions.csv``; the best student is the one with the highest validation
+    ROC-AUC there. The interval resamples lesions, scoring both on the same resample (paired); None when a
+    member was not scored on validation.
+    """
+    import pandas as pd
+
+    from melanoma_tf import metrics as M
+
+    files = {folder: folder / "eval_val" / "predictions.csv" for folder in dict.fromkeys(members + students)}
+    if not all(f.is_file() for f in files.values()):
+        return None
+    frames = {folder: pd.read_csv(f).set_index("image_id").sort_index() for folder, f in files.items()}
+    first = frames[members[0]]
+    for folder, frame in frames.items():
+        if not frame.index.equals(first.index):
+            raise ValueError(f"{files[folder]}: not the validation images of {files[members[0]]}")
+    y = first["label"].to_numpy()
+    ensemble = np.mean([frames[m]["logit"].to_numpy() for m in members], axis=0)
+    scores = {s: M.roc_auc(y, frames[s]["logit"].to_numpy()) for s in students}
+    best = max(scores, key=scores.get)
+    student = frames[best]["logit"].to_numpy()
+    pairs = np.stack([ensemble, student], axis=1)  # one row per image, resampled together
+
+    def difference(labels, rows):
+        rows = rows.astype(int)
+        return M.roc_auc(labels, pairs[rows, 0]) - M.roc_auc(labels, pairs[rows, 1])
+
+    ci = M.bootstrap_ci(y, np.arange(len(y)), first["lesion_id"].to_numpy(), difference, n_boot=n_boot)
+    return {"ensemble": float(M.roc_auc(y, ensemble)), "student": float(scores[best]), "best_student": best.name,
+            "difference": float(M.roc_auc(y, ensemble) - scores[best]), "ci": [ci[0], ci[1]],
+            "n_images": int(len(y)), "n_melanoma": int(y.sum())}
 
 
 def _teacher_label(name: str) -> str:
@@ -397,7 +450,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 1
     command = " ".join(["python tools/reference_run.py", "--config", args.config]
                        + [a for o in args.overrides for a in ("--set", o)])
-    summary = assemble(out, results, seeds, timings, command)
+    summary = assemble(out, results, seeds, timings, command, bootstrap=args.bootstrap)
     for target in summary["targets"]:
         print(f"target {target['target']}: {target['value']:.3f} (goal {target['goal']}) "
               f"{'OK' if target['met'] else 'MISSED'}")
