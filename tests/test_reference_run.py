@@ -170,7 +170,8 @@ def test_assemble_writes_the_results_folder_and_checks_the_targets(tmp_path):
     assert (results / "student_int8.tflite").stat().st_size == 204
     # With every ensemble member scored on validation: the margin, its paired interval, and a target on it
     assert not any("paired 95%" in t["target"] for t in summary["targets"])
-    for name, logits in (("teacher", [0, 5, 1, 6, 2, 7, 3, 8]), ("teacher_efficientnet_lite0", [0, 5, 1, 6, 2, 7, 3, 8]),
+    for name, logits in (("teacher", [0, 5, 1, 6, 2, 7, 3, 8]),
+                         ("teacher_efficientnet_lite0", [0, 5, 1, 6, 2, 7, 3, 8]),
                          ("student_seed1", [0, 3, 1, 5, 2, 6, 4, 7]), ("student_seed2", [4, 2, 5, 3, 0, 6, 1, 7]),
                          ("student_seed3", [4, 2, 5, 3, 0, 6, 1, 7])):
         _val_predictions(out / name, logits)
