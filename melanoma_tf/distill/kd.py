@@ -133,9 +133,13 @@ class LogitKD(Method):
         return None
 
     def prepare(self, data: PreparedData, folder: Path) -> None:
+        # loaded once, at its own resolution, for the cached training logits and the validation score
+        size = teachers.teacher_resolution(self.teacher_paths, self.cfg)
+        teacher = teachers.load_teacher(self.teacher_paths, size)
         if self.cfg.distill.teacher_outputs == "cached":
-            self.cached = teachers.teacher_logits(self.teacher_paths, data, self.cfg, folder)
-        self.teacher_scores = teachers.teacher_validation(self.teacher_paths, data, self.cfg)
+            self.cached = teachers.cache_teacher_logits(teacher, data, self.cfg, folder, size,
+                                                        self.cfg.distill.teacher_tta)
+        self.teacher_scores = teachers.teacher_validation(teacher, size, data, self.cfg)
 
     def summary(self) -> dict:
         return self.teacher_scores

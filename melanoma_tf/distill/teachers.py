@@ -151,17 +151,21 @@ def _logits(teacher, frame, cfg: Config, image_size: int, tta: bool) -> np.ndarr
     return np.mean(views, axis=0)
 
 
-def teacher_validation(paths: list[Path], data: PreparedData, cfg: Config) -> dict:
-    """How the teacher (one model or the ensemble, with TTA when configured) scores on the validation split.
+def teacher_resolution(paths: list[Path], cfg: Config) -> int:
+    """The side of the images the teacher(s) ``paths`` see: the largest teacher input, at least ``data.image_size``."""
+    return max(cfg.data.image_size, teacher_input_size(paths))
+
+
+def teacher_validation(teacher, image_size: int, data: PreparedData, cfg: Config) -> dict:
+    """How ``teacher`` (one model or the ensemble, with TTA when configured) scores on the validation split.
 
     Distillation is worth it only if this beats the student alone: every distilled stage records it
-    (``teacher_val_roc_auc`` ... in its ``metrics.json``), at the teacher's own resolution.
+    (``teacher_val_roc_auc`` ... in its ``metrics.json``), at the teacher's own resolution ``image_size``.
     """
-    size = max(cfg.data.image_size, teacher_input_size(paths))
     val = data.part("val")
-    logits = _logits(load_teacher(paths, size), val, cfg, size, cfg.distill.teacher_tta)
+    logits = _logits(teacher, val, cfg, image_size, cfg.distill.teacher_tta)
     scores = metrics.validation_summary(val["label"].to_numpy(), logits, cfg.data.labels)
-    log.info("teacher on validation (%d images, %d px%s): ROC-AUC %.4f", len(val), size,
+    log.info("teacher on validation (%d images, %d px%s): ROC-AUC %.4f", len(val), image_size,
              ", 4-flip TTA" if cfg.distill.teacher_tta else "", scores["roc_auc"])
     return {f"teacher_val_{k}": v for k, v in scores.items()}
 
@@ -177,5 +181,5 @@ def teacher_logits(paths: list[Path], data: PreparedData, cfg: Config, folder: P
         saved = np.load(reuse_from / "teacher_logits.npz", allow_pickle=False)
         if list(saved["image_id"]) == data.part("train")["image_id"].tolist():
             return saved["logits"]
-    size = max(cfg.data.image_size, teacher_input_size(paths))
+    size = teacher_resolution(paths, cfg)
     return cache_teacher_logits(load_teacher(paths, size), data, cfg, folder, size, cfg.distill.teacher_tta)
