@@ -4,6 +4,7 @@ an exponential moving average of the weights."""
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -113,3 +114,37 @@ def test_a_run_with_weight_averaging_exports_and_resumes_the_average(synthetic_r
     assert all(np.array_equal(a, b) for a, b in zip(exported, average.average.get_weights()))
     assert any(not np.allclose(a, b) for a, b in zip(exported, live.get_weights()))
     assert json.loads((run_dir / "metrics.json").read_text())["val_roc_auc"] is not None
+
+
+def test_recipe_ablation_table_keeps_the_rows_it_did_not_rerun(tmp_path, monkeypatch, capsys):
+    sys.path.insert(0, str(REPO / "tools"))
+    import recipe_ablation as RA
+
+    scores = {"val_roc_auc": 0.5, "holdout_roc_auc": 0.6, "holdout_ci": [0.55, 0.65], "n_holdout": 10}
+    calls = []
+
+    def fake_run(config, overrides, folder):
+        calls.append((folder.name, overrides))
+        return dict(scores)
+
+    monkeypatch.setattr(RA, "run_one", fake_run)
+    results = tmp_path / "ablation.md"
+    argv = ["--config", "configs/reference_ham10000.yaml", "--out", str(tmp_path / "runs"), "--results", str(results)]
+    assert RA.main(argv + ["--choices", "baseline,ema 0.99"]) == 0
+    assert calls == [("baseline-split", []), ("baseline-rosendahl", ["data.holdout_source=rosendahl"]),
+                     ("ema_099-split", ["train.ema_decay=0.99"]),
+                     ("ema_099-rosendahl", ["train.ema_decay=0.99", "data.holdout_source=rosendahl"])]
+    scores.update(val_roc_auc=0.7)
+    assert RA.main(argv + ["--choices", "7-class labels,baseline"]) == 0
+    rows = [line for line in results.read_text().splitlines() if line.startswith("| ") and "choice" not in line]
+    # every row in CHOICES order; the rerun ones replaced, the other one kept as it was
+    assert [row.split(" | ")[0] for row in rows] == ["| baseline", "| ema 0.99", "| 7-class labels"]
+    assert rows[0].startswith("| baseline | 0.700 | 0.700 | 0.600 [0.550, 0.650] (n=10)")
+    assert rows[1].startswith("| ema 0.99 | 0.500 ")
+    assert calls[-1] == ("baseline-rosendahl", ["data.holdout_source=rosendahl"])
+    # a table made with other overrides is not merged with this one
+    assert RA.main(argv + ["--choices", "baseline", "--set", "data.image_size=128"]) == 0
+    assert [line.split(" | ")[0] for line in results.read_text().splitlines()
+            if line.startswith("| ") and "choice" not in line] == ["| baseline"]
+    assert RA.main(argv + ["--choices", "nonsense"]) == 2
+    assert "unknown ['nonsense']" in capsys.readouterr().err

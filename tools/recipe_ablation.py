@@ -5,12 +5,13 @@
 
 Each choice (a set of ``--set`` overrides on the student stage of the config) is trained
 twice with ``python -m melanoma_tf.train``: on the config's lesion-grouped split (its
-validation ROC-AUC is the first measure) and with every image of one HAM10000 source held
-out (``data.holdout_source``; that clinic's ROC-AUC, at the run's own validation threshold,
-is the second). No external test set is scored or looked at: choices are made on these two.
-Each run has a fixed folder, so the script is resumable: finished runs are skipped, a killed
-one continues from its last epoch. Writes a markdown table; the last line printed is
-``ablation: <table>``.
+validation melanoma-vs-rest ROC-AUC is the first measure) and with every image of one HAM10000
+source held out (``data.holdout_source``; that clinic's melanoma ROC-AUC, at the run's own
+validation threshold, is the second). No external test set is scored or looked at: choices are
+made on these two. Each run has a fixed folder, so the script is resumable: finished runs are
+skipped, a killed one continues from its last epoch. Writes a markdown table, keeping the rows
+of choices not run this time when the table was made from the same config, overrides and
+source; the last line printed is ``ablation: <table>``.
 """
 
 from __future__ import annotations
@@ -29,11 +30,18 @@ CHOICES = {
     "ema 0.99": ["train.ema_decay=0.99"],
     "backbone lr x0.3": ["train.backbone_lr_scale=0.3"],
     "shades of grey": ["data.colour_constancy=shades_of_grey"],
+    # the seven HAM10000 diagnoses as targets (melanoma = its softmax probability): benign keratoses, the
+    # hard negatives of other clinics' images, become a class of their own instead of part of "rest"
+    "7-class labels": ["data.labels=multiclass"],
 }
 
 
 def run_one(config: Path, overrides: list[str], folder: Path) -> dict:
-    """Trains and evaluates one run in ``folder`` (skipped when done); returns its val and holdout ROC-AUC."""
+    """Trains and evaluates one run in ``folder`` (skipped when done); returns its val and holdout ROC-AUC.
+
+    Both are melanoma vs rest, whatever the labels the run trained on (a 7-class run's own
+    ``val_roc_auc`` is the macro mean over classes, so validation is scored again here).
+    """
     holdout = folder / "eval_holdout" / "metrics.json"
     if not holdout.is_file():
         command = [sys.executable, "-m", "melanoma_tf.train", "--config", str(config), "--run-dir", str(folder),
@@ -41,10 +49,26 @@ def run_one(config: Path, overrides: list[str], folder: Path) -> dict:
         for item in overrides:
             command += ["--set", item]
         subprocess.run(command, check=True, cwd=ROOT)
+    val = folder / "eval_val" / "metrics.json"
+    if not val.is_file():
+        subprocess.run([sys.executable, "-m", "melanoma_tf.evaluate", "--run", str(folder), "--split", "val",
+                        "--no-external", "--gradcam", "0", "--bootstrap", "200", "--latency-runs", "1"],
+                       check=True, cwd=ROOT)
     metrics = json.loads(holdout.read_text())
-    return {"val_roc_auc": json.loads((folder / "metrics.json").read_text())["val_roc_auc"],
+    return {"val_roc_auc": json.loads(val.read_text())["roc_auc"],
             "holdout_roc_auc": metrics["roc_auc"], "holdout_ci": metrics.get("roc_auc_ci"),
             "n_holdout": metrics.get("n_images")}
+
+
+def kept_rows(results: Path, header: list[str], names: list[str]) -> dict[str, str]:
+    """The rows of an earlier table at ``results`` for choices not in ``names``, if it has the same ``header``."""
+    if not results.is_file():
+        return {}
+    lines = results.read_text().splitlines()
+    if lines[:len(header)] != header:
+        return {}
+    rows = [line for line in lines[len(header):] if line.startswith("| ")]
+    return {row.split(" | ")[0][2:]: row for row in rows if row.split(" | ")[0][2:] not in names}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,17 +92,19 @@ def main(argv: list[str] | None = None) -> int:
         split = run_one(args.config, base, args.out / f"{slug}-split")
         loco = run_one(args.config, base + [f"data.holdout_source={args.source}"], args.out / f"{slug}-{args.source}")
         rows.append((name, split, loco))
-    lines = [f"# Recipe choices: validation and leave-{args.source}-out ROC-AUC", "",
-             f"Config `{args.config.name}` (student stage), overrides {args.overrides or 'none'}; "
-             f"reproduce: `python tools/recipe_ablation.py --config {args.config.as_posix()}`. "
-             "One seed per cell: differences below ~0.01-0.02 are within the noise of a single run.", "",
-             f"| choice | val ROC-AUC (lesion split) | val ROC-AUC ({args.source} out) | {args.source} ROC-AUC [95% CI] |",
-             "|---|---|---|---|"]
+    header = [f"# Recipe choices: validation and leave-{args.source}-out ROC-AUC", "",
+              f"Config `{args.config.name}` (student stage), overrides {args.overrides or 'none'}; "
+              f"reproduce: `python tools/recipe_ablation.py --config {args.config.as_posix()}`. "
+              "One seed per cell: differences below ~0.01-0.02 are within the noise of a single run.", "",
+              f"| choice | val ROC-AUC (lesion split) | val ROC-AUC ({args.source} out) | {args.source} ROC-AUC "
+              "[95% CI] |", "|---|---|---|---|"]
+    table = kept_rows(args.results, header, names)
     for name, split, loco in rows:
         ci = loco["holdout_ci"]
         ci_text = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
-        lines.append(f"| {name} | {split['val_roc_auc']:.3f} | {loco['val_roc_auc']:.3f} | "
-                     f"{loco['holdout_roc_auc']:.3f}{ci_text} (n={loco['n_holdout']}) |")
+        table[name] = (f"| {name} | {split['val_roc_auc']:.3f} | {loco['val_roc_auc']:.3f} | "
+                       f"{loco['holdout_roc_auc']:.3f}{ci_text} (n={loco['n_holdout']}) |")
+    lines = header + [table[name] for name in CHOICES if name in table]
     args.results.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.results.with_suffix(".tmp")
     tmp.write_text("\n".join(lines) + "\n")
