@@ -67,8 +67,8 @@ def kept_rows(results: Path, header: list[str], names: list[str]) -> dict[str, s
     lines = results.read_text().splitlines()
     if lines[:len(header)] != header:
         return {}
-    rows = [line for line in lines[len(header):] if line.startswith("| ")]
-    return {row.split(" | ")[0][2:]: row for row in rows if row.split(" | ")[0][2:] not in names}
+    rows = {line.split(" | ")[0][2:]: line for line in lines[len(header):] if line.startswith("| ")}
+    return {name: row for name, row in rows.items() if name not in names}
 
 
 def main(argv: list[str] | None = None) -> int:
