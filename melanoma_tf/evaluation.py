@@ -10,6 +10,7 @@ on external images, taking its preprocessing, threshold and calibration from the
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -363,9 +364,18 @@ def _score_external_set(ext, out_dir: Path, **kwargs) -> dict:
 
 
 def _reference_keras(stage_dir: Path):
+    """The run's Keras model, whose params and MACs a .tflite of it reports (loaded once per file version)."""
     path = stage_dir / "model.keras"
     if not path.is_file():
         return None
+    stat = path.stat()
+    return _load_reference(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=1)
+def _load_reference(path: str, mtime_ns: int, size: int):
+    """Loads a model.keras; the file's mtime and size in the key make a rewritten file load again."""
+    del mtime_ns, size
     return load_model(path)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from scipy.stats import rankdata
 from sklearn import metrics as skm
 
 from melanoma_tf.errors import MelanomaTfError
@@ -26,9 +27,17 @@ def _binary(y_true, scores) -> tuple[np.ndarray, np.ndarray]:
 
 
 def roc_auc(y_true, scores) -> float:
-    """Area under the ROC curve (ties count one half)."""
+    """Area under the ROC curve (ties count one half).
+
+    The Mann-Whitney form: the mean rank of the melanomas among all scores, tied
+    scores sharing their average rank. Equal to ``sklearn.metrics.roc_auc_score``
+    and fast enough to be called for every bootstrap resample.
+    """
     y, s = _binary(y_true, scores)
-    return float(skm.roc_auc_score(y, s))
+    positives = int(y.sum())
+    negatives = len(y) - positives
+    rank_sum = float(rankdata(s)[y == 1].sum())
+    return (rank_sum - positives * (positives + 1) / 2) / (positives * negatives)
 
 
 def pr_auc(y_true, scores) -> float:

@@ -333,18 +333,18 @@ def quantize_run(run_dir: str | Path, modes: tuple[str, ...] = MODES, qat_epochs
                  latency_runs=latency_runs, relation=False)
     for mode in modes:
         log.info("converting %s", mode)
-        # TF-MOT's wrappers can alter the layers they wrap: each mode starts from a fresh copy.
-        student = models.load_model(stage_dir / "model.keras")
         if mode == "fp64":
             path = folder / "fp64.keras"
             models.save_model(float64_copy(student), path)
             evaluate(str(stage_dir), str(path), split=split, out=str(folder / f"{prefix}_fp64"), n_boot=n_boot,
                      gradcam=0, latency_runs=latency_runs, relation=False)
             continue
+        # TF-MOT's wrappers can alter the layers they wrap: QAT and clustering start from a fresh copy.
         if mode == "qat":
-            source = qat_finetune(student, cfg, stage_dir, folder / "qat_train", qat_epochs, qat_lr)
+            source = qat_finetune(models.load_model(stage_dir / "model.keras"), cfg, stage_dir,
+                                  folder / "qat_train", qat_epochs, qat_lr)
         elif mode == "int4":
-            source = cluster_4bit(student)
+            source = cluster_4bit(models.load_model(stage_dir / "model.keras"))
         else:
             source = student
         blob = convert(source, mode, representative, hard_swish=int8_hard_swish)

@@ -125,14 +125,13 @@ def test_every_method_trains_checkpoints_exports_and_quantizes(name, synthetic_r
     plan = Q.qat_plan(cfg, folder)
     expected = {"none": None, "kd": [teacher_file], "relational": [folder / "mean_teacher.keras"]}
     assert plan.teacher_files == expected[name]
+    if not plan.teacher_files:
+        return  # QAT without a teacher: test_quantize's QAT of the real MobileNetV3-Small
     qat = Q.qat_finetune(models.load_model(folder / "model.keras"), cfg, folder, tmp_path / "qat", 1, 1e-4)
     assert qat.output_shape == (None, 1)
-    logits_file = tmp_path / "qat" / "teacher_logits.npz"
-    assert logits_file.is_file() == bool(plan.teacher_files)
-    if plan.teacher_files:
-        saved = np.load(logits_file)
-        train = data.part("train").set_index("image_id").loc[saved["image_id"]]
-        size = teacher_input_size(plan.teacher_files)  # logits are taken at the teacher's own resolution
-        images = load_images(train["path"].tolist(), size)
-        teacher = load_teacher(plan.teacher_files, size)
-        assert np.allclose(saved["logits"], teacher.predict(images, verbose=0), atol=1e-4)
+    saved = np.load(tmp_path / "qat" / "teacher_logits.npz")
+    train = data.part("train").set_index("image_id").loc[saved["image_id"]]
+    size = teacher_input_size(plan.teacher_files)  # logits are taken at the teacher's own resolution
+    images = load_images(train["path"].tolist(), size)
+    teacher = load_teacher(plan.teacher_files, size)
+    assert np.allclose(saved["logits"], teacher.predict(images, verbose=0), atol=1e-4)

@@ -28,6 +28,16 @@ def test_pr_auc_hand_value_and_sklearn():
     assert M.roc_auc(y, s) == pytest.approx(skm.roc_auc_score(y, s))
 
 
+def test_roc_auc_equals_sklearn_with_ties_and_imbalance():
+    rng = np.random.default_rng(1)
+    for n, share, levels in ((50, 0.5, 5), (400, 0.1, 20), (3000, 0.03, 1000)):
+        y = (rng.random(n) < share).astype(int)
+        y[:2] = [0, 1]
+        s = np.round(rng.random(n) + 0.3 * y, 3) * levels // 1  # few distinct values: many ties
+        assert M.roc_auc(y, s) == pytest.approx(skm.roc_auc_score(y, s), abs=1e-12)
+        assert M.roc_auc(y, -s) == pytest.approx(1 - M.roc_auc(y, s), abs=1e-12)
+
+
 def test_one_class_is_a_clear_error():
     with pytest.raises(MetricError, match="need both classes"):
         M.roc_auc([1, 1, 1], [0.2, 0.3, 0.4])

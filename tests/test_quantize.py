@@ -55,8 +55,11 @@ def test_every_ptq_mode_converts_loads_scores_and_shrinks(trained_run, ptq_folde
     assert table.loc["fp64", "roc_auc"] == pytest.approx(keras_auc, abs=2e-3)
     fp64 = json.loads((ptq_folder / "eval_fp64" / "metrics.json").read_text())
     assert fp64["model"].endswith("fp64.keras")
+    # Quantization may not cost more than this; on 75 holdout images a few calibration-clipped logits can also
+    # move the AUC up by as much (int8 and int16x8 share the calibrated activation ranges).
     for mode, tolerance in (("fp16", 0.01), ("dynamic", 0.03), ("int16x8", 0.03), ("int8", 0.1)):
-        assert table.loc[mode, "roc_auc"] == pytest.approx(keras_auc, abs=tolerance), mode
+        assert table.loc[mode, "roc_auc"] >= keras_auc - tolerance, mode
+    assert table.loc["fp16", "roc_auc"] == pytest.approx(keras_auc, abs=0.01)
     for mode in ("fp32", "fp16", "dynamic", "int8", "int16x8", "int4"):
         path = ptq_folder / f"{mode}.tflite"
         assert TFLiteModel(path).predict(np.zeros((2, 48, 48, 3), np.float32)).shape == (2, 1)
@@ -110,7 +113,7 @@ def test_flatbuffer_params_and_macs_equal_the_keras_counts(trained_run, ptq_fold
 
 @pytest.mark.slow
 def test_qat_on_real_mobilenet_v3_small(trained_run, ptq_folder, tmp_path):
-    folder = Q.quantize_run(trained_run, ("qat",), qat_epochs=2, n_boot=50, latency_runs=50, n_representative=100)
+    folder = Q.quantize_run(trained_run, ("qat",), qat_epochs=1, n_boot=50, latency_runs=50, n_representative=100)
     table = pd.read_csv(folder / "comparison.csv").set_index("mode")
     assert table.loc["qat", "roc_auc"] == pytest.approx(table.loc["keras fp32", "roc_auc"], abs=0.05)
     sidecar = json.loads((folder / "qat.json").read_text())
@@ -124,7 +127,9 @@ def test_qat_on_real_mobilenet_v3_small(trained_run, ptq_folder, tmp_path):
     assert dtypes <= {"int8", "int32"}, f"float tensors left in the QAT model: {dtypes}"
     assert "int8" in table.index, "the comparison keeps the modes converted earlier in this folder"
     history = pd.read_csv(folder / "qat_train" / "history.csv")
-    assert history["phase"].tolist() == ["qat", "qat"]
+    assert history["phase"].tolist() == ["qat"]
+    assert Q.qat_plan(C.load(trained_run / "config.yaml"), trained_run).teacher_files is None
+    assert not (folder / "qat_train" / "teacher_logits.npz").exists(), "a student without a teacher distils nothing"
 
 
 def test_quantization_aware_wraps_every_layer_of_the_student():

@@ -67,15 +67,14 @@ def test_pareto_front():
 
 @pytest.mark.slow
 def test_local_sweep_runs_resumes_and_summarises(tmp_path, synthetic_root):
-    spec = S.load_sweep(write_sweep(tmp_path, synthetic_root, search="random", trials=2, seed=3))
+    spec = S.load_sweep(write_sweep(tmp_path, synthetic_root, search="random", trials=1, seed=3))
     root = S.run_sweep(spec)
     table = pd.read_csv(root / "results.csv")
-    assert len(table) == 2 and (table["folds"] == 2).all()
+    assert len(table) == 1 and (table["folds"] == 2).all()
     folds = pd.read_csv(root / "folds.csv")
     first = folds[folds["trial"] == table["trial"].iloc[0]]
     assert table["val_roc_auc_mean"].iloc[0] == pytest.approx(first["val_roc_auc"].mean())
     assert table["val_roc_auc_std"].iloc[0] == pytest.approx(first["val_roc_auc"].std())
-    assert list(table["val_roc_auc_mean"]) == sorted(table["val_roc_auc_mean"], reverse=True)
     for png in ("metric_per_axis.png", "pareto_size.png", "pareto_latency.png"):
         assert (root / png).is_file()
     assert (folds["latency_ms"] > 0).all() and (folds["size_mb"] > 0).all()
@@ -113,7 +112,9 @@ def test_quantization_axis_scores_each_mode_on_validation(tmp_path, synthetic_ro
     assert not (stage / "eval_int8").exists()  # the holdout is never touched by a sweep
     int8 = json.loads((stage / "eval_val_int8" / "metrics.json").read_text())
     assert folds.loc[folds["quantization"] == "int8", "val_roc_auc"].item() == pytest.approx(int8["roc_auc"])
-    assert len(pd.read_csv(root / "results.csv")) == 3
+    results = pd.read_csv(root / "results.csv")
+    assert len(results) == 3
+    assert list(results["val_roc_auc_mean"]) == sorted(results["val_roc_auc_mean"], reverse=True)
     # The external set's ROC-AUC is a column of every row (reported, never the ranking metric).
     assert folds["ext_clinic_roc_auc"].notna().all()
     assert folds.loc[folds["quantization"] == "int8", "ext_clinic_roc_auc"].item() == pytest.approx(
