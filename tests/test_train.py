@@ -55,7 +55,10 @@ def check_stage_folder(folder: Path, epochs: int):
 
 @pytest.mark.slow
 def test_chained_run_cli_contract(synthetic_root, tmp_path):
-    overrides = tiny_overrides(synthetic_root, tmp_path, **{"teacher.epochs": 1, "distill.teacher_outputs": "cached"})
+    # MobileNetV2 as the teacher: the chain's wiring does not depend on which (ResNet50, the quickstart's,
+    # is trained in test_frozen_teacher_then_finetune_top_block; here it only made the test 100 s slower).
+    overrides = tiny_overrides(synthetic_root, tmp_path, **{"teacher.epochs": 1, "distill.teacher_outputs": "cached",
+                                                            "teacher.arch": "mobilenet_v2"})
     result = cli(["--config", str(QUICKSTART), *sets(overrides)])
     assert result.returncode == 0, result.stderr[-3000:]
     last = result.stdout.strip().splitlines()[-1]
@@ -77,7 +80,7 @@ def test_chained_run_cli_contract(synthetic_root, tmp_path):
 
     teacher = load_model(run_dir / "teacher" / "model.keras")
     student = load_model(run_dir / "distill" / "model.keras")
-    assert teacher.count_params() > 10 * student.count_params()
+    assert resolved.teacher.arch == "mobilenet_v2" and teacher.count_params() > 2 * student.count_params()
     # output.evaluate (the quickstart's): a holdout report per stage, then one comparison of the three
     for stage in ("teacher", "student", "distill"):
         assert (run_dir / stage / "eval_holdout" / "report.md").is_file()
@@ -116,7 +119,7 @@ def test_resume_refuses_a_different_config(synthetic_root, tmp_path):
 
 @pytest.mark.slow
 def test_resume_after_kill_mid_training(synthetic_root, tmp_path):
-    epochs = 6
+    epochs = 4
     overrides = tiny_overrides(synthetic_root, tmp_path, **{"train.epochs": epochs, "train.verbose": 2,
                                                             "data.augment.rand_augment": True})
     args = ["--config", str(REPO / "configs" / "student_mobilenetv3.yaml"), *sets(overrides)]
