@@ -283,3 +283,26 @@ def test_int8_hard_swish_as_mul_keeps_the_graph_in_one_xnnpack_partition(tmp_pat
     assert rmse["mul"] < 4 * rmse["fused"] and np.corrcoef(mul, float_logits[:, 0])[0, 1] > 0.6
     with pytest.raises(ValueError, match="hard-swish form 'gelu'"):
         Q.convert(student, "int8", images, hard_swish="gelu")
+
+
+def test_converter_exports_the_inference_graph_with_the_trained_statistics(tmp_path):
+    """Q.keras_converter traces ``training=False``: BatchNorm uses its moving statistics, dropout is off."""
+    from melanoma_tf.backend import keras
+    from melanoma_tf.mobilenet_v3 import HardSwish
+
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((12, 12, 3))
+    x = keras.layers.Conv2D(6, 3)(keras.layers.Rescaling(1 / 127.5, offset=-1)(inputs))
+    norm = keras.layers.BatchNormalization()
+    x = keras.layers.GlobalAveragePooling2D()(HardSwish()(norm(x)))
+    model = keras.Model(inputs, keras.layers.Dense(1)(keras.layers.Dropout(0.5)(x)))
+    rng = np.random.default_rng(0)
+    norm.moving_mean.assign(rng.normal(0, 0.5, 6))  # statistics a batch of these images would not give
+    norm.moving_variance.assign(rng.uniform(0.2, 3.0, 6))
+    images = rng.uniform(0, 255, (5, 12, 12, 3)).astype(np.float32)
+
+    path = tmp_path / "tiny.tflite"
+    path.write_bytes(Q.keras_converter(model).convert())
+    expected = model(images, training=False).numpy()
+    assert not np.allclose(model(images, training=True).numpy(), expected, atol=1e-3)
+    np.testing.assert_allclose(TFLiteModel(path).predict(images), expected, rtol=1e-5, atol=1e-5)
