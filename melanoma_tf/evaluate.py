@@ -2,6 +2,7 @@
 
     python -m melanoma_tf.evaluate --run RUN_DIR [--model FILE] [--split val|holdout]
         [--images DIR --labels CSV] [--out DIR]
+    python -m melanoma_tf.evaluate --run RUN_DIR RUN_DIR ...   (each run's own report, one process)
 
 The operating point is the threshold reaching the target sensitivity (0.95 by
 default) on the run's *validation* split, applied unchanged to the split being
@@ -28,7 +29,8 @@ log = logging.getLogger("melanoma_tf.evaluate")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m melanoma_tf.evaluate", description=__doc__.split("\n")[0])
-    parser.add_argument("--run", help="run folder (a chained run: its last stage)")
+    parser.add_argument("--run", nargs="+", metavar="RUN_DIR",
+                        help="run folder (a chained run: its last stage); several are scored one after another")
     parser.add_argument("--model", help=".keras or .tflite file (default: the run's model.keras)")
     parser.add_argument("--split", choices=("val", "holdout"), default="holdout")
     parser.add_argument("--images", help="external image folder (with --labels)")
@@ -62,11 +64,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     def work() -> str:
         if not 0 < args.target_sensitivity <= 1:
             raise EvaluationError("--target-sensitivity must be in (0, 1]")
+        run_dirs = args.run or [None]
+        if len(run_dirs) > 1 and (args.model or args.out or args.images or args.labels):
+            raise EvaluationError("--model, --out and --images/--labels go with a single --run "
+                                  f"(got {len(run_dirs)} runs)")
         configure_threads(args.threads)
-        return "report: " + str(evaluate(args.run, args.model, args.split, args.images, args.labels, args.out,
-                                         args.target_sensitivity, args.refer_fraction, args.bootstrap,
-                                         args.gradcam, args.latency_runs, args.seed,
-                                         external=not args.no_external))
+        lines = []
+        for run_dir in run_dirs:
+            if lines:
+                print(lines[-1], flush=True)
+            lines.append("report: " + str(evaluate(run_dir, args.model, args.split, args.images, args.labels,
+                                                   args.out, args.target_sensitivity, args.refer_fraction,
+                                                   args.bootstrap, args.gradcam, args.latency_runs, args.seed,
+                                                   external=not args.no_external)))
+        return lines[-1]
 
     return run_main(work)
 

@@ -238,12 +238,15 @@ def run(cfg: Config, resume: bool = False, resume_dir: Optional[str] = None,
 
 
 def evaluate_stages(run_dir: Path, folders: list[Path]) -> Path:
-    """Evaluates each stage on the holdout (in a fresh one-thread process, for honest latency) and compares them."""
-    for folder in folders:
-        if (folder / "eval_holdout" / "report.md").is_file():
-            continue
-        print(f"== evaluate {folder}", flush=True)
-        subprocess.run([sys.executable, "-m", "melanoma_tf.evaluate", "--run", str(folder)], check=True)
+    """Evaluates each stage on the holdout and compares them.
+
+    The stages not evaluated yet are scored one after another in one fresh one-thread process
+    (honest batch-1 latency; TensorFlow is imported once).
+    """
+    pending = [folder for folder in folders if not (folder / "eval_holdout" / "report.md").is_file()]
+    if pending:
+        print(f"== evaluate {', '.join(str(folder) for folder in pending)}", flush=True)
+        subprocess.run([sys.executable, "-m", "melanoma_tf.evaluate", "--run", *map(str, pending)], check=True)
     path = report.compare([str(f) for f in folders], str(run_dir / "compare"))
     print(f"== comparison: {path}", flush=True)
     return path

@@ -185,6 +185,9 @@ def test_evaluate_bad_inputs(tiny_run, tmp_path, capsys):
     junk.write_bytes(b"not a flatbuffer")
     assert E.main(["--run", str(tiny_run), "--model", str(junk)]) == 2
     assert E.main(["--model", str(junk)]) == 2
+    capsys.readouterr()
+    assert E.main(["--run", str(tiny_run), str(tiny_run), "--out", str(tmp_path / "both")]) == 2
+    assert "a single --run (got 2 runs)" in capsys.readouterr().err and not (tmp_path / "both").exists()
 
 
 @pytest.mark.slow
