@@ -47,9 +47,10 @@ def test_every_ptq_mode_converts_loads_scores_and_shrinks(trained_run, ptq_folde
     table = pd.read_csv(ptq_folder / "comparison.csv").set_index("mode")
     keras_auc = table.loc["keras fp32", "roc_auc"]
     # The synthetic data is learnable: the full student reaches a useful AUC in 8 epochs at 48 px
-    # (validation 0.898-1.0 over runs; training on 2 threads is not bit-reproducible).
+    # (validation 0.898-1.0, holdout 0.79-0.93 over runs: 75 holdout images, and training on 2 threads
+    # is not bit-reproducible).
     assert json.loads((trained_run / "metrics.json").read_text())["val_roc_auc"] > 0.85
-    assert keras_auc > 0.85, "the fixture model should be useful"
+    assert keras_auc > 0.75, "the fixture model should be useful"
     size = table["size_mb"]
     assert size["fp16"] < 0.6 * size["fp32"]
     assert size["dynamic"] < 0.35 * size["fp32"] and size["int8"] < 0.35 * size["fp32"]

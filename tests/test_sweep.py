@@ -66,23 +66,51 @@ def test_pareto_front():
 
 
 @pytest.mark.slow
-def test_local_sweep_runs_resumes_and_summarises(tmp_path, synthetic_root):
-    spec = S.load_sweep(write_sweep(tmp_path, synthetic_root, search="random", trials=1, seed=3))
+def test_local_sweep_folds_quantization_external_resume_and_summary(tmp_path, synthetic_root):
+    """One random trial, 2 folds in 2 parallel workers, each fold's model also as fp16 and int8 (scored on its
+    validation fold), an external set reported beside; then resume."""
+    meta = pd.read_csv(synthetic_root / "HAM10000_metadata.csv").head(40)  # a stand-in external set
+    labels = tmp_path / "clinic.csv"
+    meta.assign(label=(meta["dx"] == "mel").astype(int))[["image_id", "label"]].to_csv(labels, index=False)
+    spec = S.load_sweep(write_sweep(tmp_path, synthetic_root, search="random", trials=1, seed=3,
+                                    quantize=["fp16", "int8"], external=(synthetic_root / "images", labels)))
     root = S.run_sweep(spec)
-    table = pd.read_csv(root / "results.csv")
-    assert len(table) == 1 and (table["folds"] == 2).all()
     folds = pd.read_csv(root / "folds.csv")
-    first = folds[folds["trial"] == table["trial"].iloc[0]]
-    assert table["val_roc_auc_mean"].iloc[0] == pytest.approx(first["val_roc_auc"].mean())
-    assert table["val_roc_auc_std"].iloc[0] == pytest.approx(first["val_roc_auc"].std())
+    assert folds["fold"].tolist() == [0, 0, 0, 1, 1, 1]
+    assert folds["quantization"].tolist() == ["keras", "fp16", "int8"] * 2
+    assert (folds["latency_ms"] > 0).all() and (folds["size_mb"] > 0).all()
+    for _, fold in folds.groupby("fold"):
+        size = dict(zip(fold["quantization"], fold["size_mb"]))
+        assert size["int8"] < size["fp16"] < size["keras"]
+    # Each mode is scored on the fold's validation split; the holdout is never touched by a sweep.
+    trial_dir = root / folds["trial"].iloc[0]
+    stage = trial_dir / "fold-1" / "tflite"
+    assert not (stage / "eval_int8").exists()
+    int8 = json.loads((stage / "eval_val_int8" / "metrics.json").read_text())
+    row = folds[(folds["fold"] == 1) & (folds["quantization"] == "int8")]
+    assert row["val_roc_auc"].item() == pytest.approx(int8["roc_auc"])
+    # The external set's ROC-AUC is a column of every row (reported, never the ranking metric).
+    assert folds["ext_clinic_roc_auc"].notna().all()
+    assert row["ext_clinic_roc_auc"].item() == pytest.approx(int8["external"]["clinic"]["roc_auc"])
+    with pytest.raises(ConfigError, match="metric: 'ext_clinic_roc_auc' is not one of the validation scores"):
+        S.load_sweep(write_sweep(tmp_path, synthetic_root, metric="ext_clinic_roc_auc"))
+
+    # results: one row per trial and mode, the mean and spread over the folds, best first
+    table = pd.read_csv(root / "results.csv")
+    assert len(table) == 3 and (table["folds"] == 2).all()
+    assert list(table["val_roc_auc_mean"]) == sorted(table["val_roc_auc_mean"], reverse=True)
+    keras_folds = folds[folds["quantization"] == "keras"]["val_roc_auc"]
+    keras_row = table[table["quantization"] == "keras"]
+    assert keras_row["val_roc_auc_mean"].item() == pytest.approx(keras_folds.mean())
+    assert keras_row["val_roc_auc_std"].item() == pytest.approx(keras_folds.std())
     for png in ("metric_per_axis.png", "pareto_size.png", "pareto_latency.png"):
         assert (root / png).is_file()
-    assert (folds["latency_ms"] > 0).all() and (folds["size_mb"] > 0).all()
-    assert "Pareto front (latency" in (root / "results.md").read_text()
+    results_md = (root / "results.md").read_text()
+    assert "Pareto front (latency" in results_md and "ext_clinic_roc_auc" in results_md
     # each fold is an ordinary run folder whose validation fold differs
-    trial_dir = root / table["trial"].iloc[0]
     splits = [pd.read_csv(trial_dir / f"fold-{i}" / "splits.csv") for i in range(2)]
     assert set(splits[0].query("split == 'val'")["image_id"]).isdisjoint(splits[1].query("split == 'val'")["image_id"])
+
     # resume: finished runs are not trained again; a lost one is
     logs = {p: p.stat().st_size for p in root.rglob("fold-*.log")}
     victim = trial_dir / "fold-1" / "metrics.json"
@@ -92,36 +120,6 @@ def test_local_sweep_runs_resumes_and_summarises(tmp_path, synthetic_root):
     assert grown == [trial_dir / "fold-1.log"]
     assert victim.is_file()
     assert json.loads(victim.read_text())["val_roc_auc"] is not None
-
-
-@pytest.mark.slow
-def test_quantization_axis_scores_each_mode_on_validation(tmp_path, synthetic_root):
-    meta = pd.read_csv(synthetic_root / "HAM10000_metadata.csv").head(40)  # a stand-in external set
-    labels = tmp_path / "clinic.csv"
-    meta.assign(label=(meta["dx"] == "mel").astype(int))[["image_id", "label"]].to_csv(labels, index=False)
-    spec = S.load_sweep(write_sweep(tmp_path, synthetic_root, axes={"student.pooling": ["avg"]}, folds=0,
-                                    workers=1, quantize=["fp16", "int8"],
-                                    external=(synthetic_root / "images", labels)))
-    root = S.run_sweep(spec)
-    folds = pd.read_csv(root / "folds.csv")
-    assert folds["quantization"].tolist() == ["keras", "fp16", "int8"]
-    size = dict(zip(folds["quantization"], folds["size_mb"]))
-    assert size["int8"] < size["fp16"]
-    stage = next(root.rglob("tflite"))
-    assert (stage / "eval_val_int8" / "metrics.json").is_file()
-    assert not (stage / "eval_int8").exists()  # the holdout is never touched by a sweep
-    int8 = json.loads((stage / "eval_val_int8" / "metrics.json").read_text())
-    assert folds.loc[folds["quantization"] == "int8", "val_roc_auc"].item() == pytest.approx(int8["roc_auc"])
-    results = pd.read_csv(root / "results.csv")
-    assert len(results) == 3
-    assert list(results["val_roc_auc_mean"]) == sorted(results["val_roc_auc_mean"], reverse=True)
-    # The external set's ROC-AUC is a column of every row (reported, never the ranking metric).
-    assert folds["ext_clinic_roc_auc"].notna().all()
-    assert folds.loc[folds["quantization"] == "int8", "ext_clinic_roc_auc"].item() == pytest.approx(
-        int8["external"]["clinic"]["roc_auc"])
-    assert "ext_clinic_roc_auc" in (root / "results.md").read_text()
-    with pytest.raises(ConfigError, match="metric: 'ext_clinic_roc_auc' is not one of the validation scores"):
-        S.load_sweep(write_sweep(tmp_path, synthetic_root, metric="ext_clinic_roc_auc"))
 
 
 @pytest.mark.slow
