@@ -69,15 +69,16 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise EvaluationError("--model, --out and --images/--labels go with a single --run "
                                   f"(got {len(run_dirs)} runs)")
         configure_threads(args.threads)
-        lines = []
-        for run_dir in run_dirs:
-            if lines:
-                print(lines[-1], flush=True)
-            lines.append("report: " + str(evaluate(run_dir, args.model, args.split, args.images, args.labels,
-                                                   args.out, args.target_sensitivity, args.refer_fraction,
-                                                   args.bootstrap, args.gradcam, args.latency_runs, args.seed,
-                                                   external=not args.no_external)))
-        return lines[-1]
+
+        def report(run_dir) -> str:
+            return "report: " + str(evaluate(run_dir, args.model, args.split, args.images, args.labels, args.out,
+                                             args.target_sensitivity, args.refer_fraction, args.bootstrap,
+                                             args.gradcam, args.latency_runs, args.seed,
+                                             external=not args.no_external))
+
+        for run_dir in run_dirs[:-1]:
+            print(report(run_dir), flush=True)
+        return report(run_dirs[-1])  # run_main prints the last line
 
     return run_main(work)
 
