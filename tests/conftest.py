@@ -54,12 +54,13 @@ def tiny_int8_flatbuffer(size: int = 16) -> bytes:
 
     from melanoma_tf.backend import keras, tf
     from melanoma_tf.mobilenet_v3 import HardSwish
+    from melanoma_tf.quantize import keras_converter
 
     inputs = keras.Input((size, size, 3))
     x = keras.layers.Conv2D(4, 3, padding="same")(keras.layers.Rescaling(1 / 127.5, offset=-1)(inputs))
     x = keras.layers.GlobalAveragePooling2D()(HardSwish()(x))
     model = keras.Model(inputs, keras.layers.Dense(1)(x))
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    converter = keras_converter(model)  # converted the way melanoma_tf.quantize converts the student
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     images = np.random.default_rng(0).uniform(0, 255, (8, size, size, 3)).astype(np.float32)
     converter.representative_dataset = lambda: ([image[None]] for image in images)
