@@ -73,7 +73,7 @@ def tiny_int8_flatbuffer(size: int = 16) -> bytes:
 # set in pyproject.toml): longest first, from `--durations=0` on 2 cores. xdist hands out whole
 # modules, so a long module that starts last keeps one worker busy while the other sits idle.
 # Modules not listed take under a minute each and follow in their usual order.
-LONGEST_FIRST = ("test_train", "test_quantize", "test_methods", "test_sweep", "test_generalization",
+LONGEST_FIRST = ("test_train", "test_quantize", "test_sweep", "test_methods", "test_generalization",
                  "test_relational_train", "test_evaluate", "test_distribution", "test_data", "test_models")
 
 

@@ -36,10 +36,18 @@ SETTINGS = {
 
 
 @pytest.fixture(scope="module")
-def teacher_file(tmp_path_factory, synthetic_root):
-    """A small trained-looking teacher (random weights are enough for wiring) at 40 px."""
-    cfg = C.load(REPO / "configs" / "student_mobilenetv3.yaml", tiny_overrides(synthetic_root, "unused"))
-    teacher = models.build_teacher(C.replace(cfg, "teacher.arch", "mobilenet_v2").teacher, 40)
+def teacher_file(tmp_path_factory):
+    """A small random teacher at 40 px whose logits differ from image to image.
+
+    Not a random deep network: its activations shrink layer by layer until every image gets the
+    same logit to 1e-13, and which of two tied images ranks first is then floating-point noise.
+    """
+    keras.utils.set_random_seed(3)
+    image = keras.Input((40, 40, 3), name="image")
+    x = keras.layers.Rescaling(1 / 127.5, offset=-1)(image)
+    x = keras.layers.Conv2D(8, 5, strides=2, activation="relu")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    teacher = keras.Model(image, keras.layers.Dense(1, name="logits")(x), name="tiny_teacher")
     path = tmp_path_factory.mktemp("teacher") / "teacher.keras"
     models.save_model(teacher, path)
     return path
