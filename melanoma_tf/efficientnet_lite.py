@@ -206,7 +206,7 @@ def load_efficientnet_lite_weights(model: keras.Model, path: str | Path) -> int:
     path = resolve_weights_file(str(path))
     tensors = read_torch_state_dict(path)
     names = {layer.name for layer in model.layers}
-    n_blocks = sum(f"block{i}_dw_conv" in names for i in range(len(names)))
+    n_blocks = sum(name.startswith("block") and name.endswith("_dw_conv") for name in names)
     in_file = len({key.split(".")[1] for key in tensors if key.startswith("_blocks.")})
     if in_file and in_file != n_blocks:
         raise WeightsError(f"{path}: holds {in_file} blocks, the model {model.name} has {n_blocks}: the weights of "
