@@ -15,10 +15,12 @@ from conftest import REPO
 sys.path.insert(0, str(REPO / "tools"))
 import reference_run as RR  # noqa: E402
 
+TWO_TEACHERS = ("teacher", "teacher_efficientnet_lite0")
+
 
 def test_plan_trains_students_on_one_split_and_distils_from_the_ensemble(tmp_path):
     steps = RR.plan(REPO / "configs" / "reference_ham10000.yaml", ["data.root=/data"], tmp_path, 224, [1, 2, 3], 3,
-                    100)
+                    100, RR.teacher_configs("teacher, teacher_efficientnet_lite0.yaml"))
     assert [s.name for s in steps] == ["teacher", "teacher_efficientnet_lite0", "student_seed1", "student_seed2",
                                        "student_seed3", "teacher_on_validation",
                                        "teacher_efficientnet_lite0_on_validation", "student_seed1_on_validation",
@@ -61,10 +63,34 @@ def test_plan_trains_students_on_one_split_and_distils_from_the_ensemble(tmp_pat
     assert second.data == cfgs[0].data and second.train == cfgs[0].train
 
 
+def test_without_separate_teachers_the_no_kd_students_teach(tmp_path):
+    steps = RR.plan(REPO / "configs" / "reference_ham10000.yaml", [], tmp_path, 224, [1, 2], 2, 100)
+    names = [s.name for s in steps]
+    assert names[:4] == ["student_seed1", "student_seed2", "student_seed1_on_validation",
+                         "student_seed2_on_validation"]
+    assert not any(n.startswith("teacher") for n in names)
+    argv = {s.name: " ".join(s.argv) for s in steps}
+    members = f"distill.teacher=[{tmp_path / 'student_seed1'}, {tmp_path / 'student_seed2'}]"
+    assert members in argv["distill_seed1"] and members in argv["tiny_student"]
+    assert RR.teacher_configs("") == {} and RR.teacher_configs(" ,") == {}
+    with pytest.raises(ValueError, match="named twice"):
+        RR.teacher_configs("teacher,teacher.yaml")
+    with pytest.raises(FileNotFoundError, match="no_such_teacher.yaml"):
+        RR.plan(REPO / "configs" / "reference_ham10000.yaml", [], tmp_path, 224, [1], 2, 100,
+                RR.teacher_configs("no_such_teacher"))
+
+
 def test_dry_run_prints_the_commands():
-    out = subprocess.run([sys.executable, str(REPO / "tools" / "reference_run.py"), "--dry-run", "--seeds", "1"],
-                         capture_output=True, text=True, cwd=REPO, check=True).stdout
-    assert out.count("melanoma_tf.train") == 5 and "melanoma_tf.quantize" in out  # 2 teachers, 1 + 1 students, tiny
+    def dry_run(*args):
+        return subprocess.run([sys.executable, str(REPO / "tools" / "reference_run.py"), "--dry-run", "--seeds", "1",
+                               *args], capture_output=True, text=True, cwd=REPO)
+
+    out = dry_run().stdout
+    assert out.count("melanoma_tf.train") == 3 and "melanoma_tf.quantize" in out  # 1 + 1 students, tiny
+    out = dry_run("--teachers", "teacher,teacher_efficientnet_lite0").stdout
+    assert out.count("melanoma_tf.train") == 5 and "stages=[teacher]" in out  # 2 teachers, 1 + 1 students, tiny
+    bad = dry_run("--teachers", "teacher_resnet50_typo")
+    assert bad.returncode == 2 and "teacher_resnet50_typo.yaml" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def _evaluation(folder, auc, spec, size=1.0, logits=None, external=None, val_auc=None):
@@ -83,14 +109,15 @@ def _evaluation(folder, auc, spec, size=1.0, logits=None, external=None, val_auc
         (folder.parent / "metrics.json").write_text(json.dumps({"val_roc_auc": val_auc}))
 
 
-def test_assemble_writes_the_results_folder_and_checks_the_targets(tmp_path):
-    out, results = tmp_path / "run", tmp_path / "results"
-    # Member logits: each ranks one positive below a negative; their mean ranks all correctly.
-    _evaluation(out / "teacher" / "eval_holdout", 0.85, 0.6, 95.0, logits=[0.0, 3.0, 1.0, 0.5], external=0.70,
-                val_auc=0.95)
-    # A second teacher, weaker on validation than the first, which is the one compared with the students.
-    _evaluation(out / "teacher_efficientnet_lite0" / "eval_holdout", 0.84, 0.6, 14.0, logits=[0.0, 0.0, 4.0, 0.0],
-                external=0.69, val_auc=0.93)
+def _finished_run(out, teachers=True):
+    """The files a finished reference run leaves (two teachers unless ``teachers`` is false)."""
+    if teachers:
+        # Member logits: each ranks one positive below a negative; their mean ranks all correctly.
+        _evaluation(out / "teacher" / "eval_holdout", 0.85, 0.6, 95.0, logits=[0.0, 3.0, 1.0, 0.5], external=0.70,
+                    val_auc=0.95)
+        # A second teacher, weaker on validation than the first, which is the one compared with the students.
+        _evaluation(out / "teacher_efficientnet_lite0" / "eval_holdout", 0.84, 0.6, 14.0,
+                    logits=[0.0, 0.0, 4.0, 0.0], external=0.69, val_auc=0.93)
     for seed, auc, ext in ((1, 0.90, 0.70), (2, 0.91, 0.72), (3, 0.89, 0.71)):
         _evaluation(out / f"student_seed{seed}" / "eval_holdout", auc, 0.65, 4.4, logits=[-1.0, 0.0, 0.5, 2.0],
                     external=ext, val_auc=0.92)
@@ -113,7 +140,14 @@ def test_assemble_writes_the_results_folder_and_checks_the_targets(tmp_path):
     _evaluation(out / "baselines-1" / "hgb" / "eval_holdout", 0.87, 0.55, 1.5, external=0.60)
     _evaluation(out / "baselines-1" / "rf" / "eval_holdout", 0.88, 0.56, 8.0, external=0.62)
     (out / "baselines.done").write_text("baselines-1\n")
-    summary = RR.assemble(out, results, [1, 2, 3], {"teacher": 100.0}, "python tools/reference_run.py")
+    return tflite
+
+
+def test_assemble_writes_the_results_folder_and_checks_the_targets(tmp_path):
+    out, results = tmp_path / "run", tmp_path / "results"
+    tflite = _finished_run(out)
+    summary = RR.assemble(out, results, [1, 2, 3], {"teacher": 100.0}, "python tools/reference_run.py",
+                          teachers=TWO_TEACHERS)
     met = {t["target"]: t for t in summary["targets"]}
     assert summary["shipped_int8"]["mode"] == "qat"  # without validation scores: QAT
     assert met["int8 holdout ROC-AUC"]["met"] and met["int8 holdout ROC-AUC"]["value"] == 0.93
@@ -155,12 +189,14 @@ def test_assemble_writes_the_results_folder_and_checks_the_targets(tmp_path):
     _evaluation(tflite / "eval_val_int8", 0.90, 0.6)
     (tflite / "int8.tflite").write_bytes(b"TFL3" + bytes(200))
     (tflite / "int8.json").write_text(json.dumps({"model": "int8.tflite", "threshold": 0.4}))
-    summary = RR.assemble(out, results, [1, 2, 3], {"teacher": 100.0}, "python tools/reference_run.py")
+    summary = RR.assemble(out, results, [1, 2, 3], {"teacher": 100.0}, "python tools/reference_run.py",
+                          teachers=TWO_TEACHERS)
     assert summary["shipped_int8"] == {"mode": "int8", "validation_roc_auc": {"qat": 0.88, "int8": 0.90}}
     # Distill stages that scored their teacher on validation (the ensemble, with TTA) add that comparison.
     assert not any(t["target"].startswith("distillation teacher") for t in summary["targets"])
     (out / "distill_seed1" / "metrics.json").write_text(json.dumps({"teacher_val_roc_auc": 0.905}))
-    summary = RR.assemble(out, results, [1, 2, 3], {"teacher": 100.0}, "python tools/reference_run.py")
+    summary = RR.assemble(out, results, [1, 2, 3], {"teacher": 100.0}, "python tools/reference_run.py",
+                          teachers=TWO_TEACHERS)
     ensemble = next(t for t in summary["targets"] if t["target"].startswith("distillation teacher"))
     best_student = summary["best_student_val_roc_auc"]
     assert ensemble["value"] == pytest.approx(0.905 - best_student) and ensemble["met"] == (0.905 - best_student > 0.01)
@@ -176,7 +212,7 @@ def test_assemble_writes_the_results_folder_and_checks_the_targets(tmp_path):
                          ("student_seed3", [4, 2, 5, 3, 0, 6, 1, 7])):
         _val_predictions(out / name, logits)
     summary = RR.assemble(out, results, [1, 2, 3], {"teacher": 100.0}, "python tools/reference_run.py",
-                          bootstrap=100)
+                          bootstrap=100, teachers=TWO_TEACHERS)
     margin = summary["distillation_teacher_val_margin"]
     assert margin["best_student"] == "student_seed1" and margin["ensemble"] == 1.0
     target = next(t for t in summary["targets"] if "paired 95%" in t["target"])
@@ -217,3 +253,16 @@ def test_teacher_margin_is_the_ensemble_against_the_best_student_paired_over_les
     _val_predictions(members[2], [4, 2, 5, 3, 0, 6, 1, 7], ids=[f"other{i}" for i in range(8)])
     with pytest.raises(ValueError, match="student_seed2/eval_val/predictions.csv: not the validation images"):
         RR._teacher_margin(members, students, 50)
+
+
+def test_assemble_without_separate_teachers(tmp_path):
+    out, results = tmp_path / "run", tmp_path / "results"
+    _finished_run(out, teachers=False)
+    summary = RR.assemble(out, results, [1, 2, 3], {"student_seed1": 100.0}, "python tools/reference_run.py")
+    assert summary["teacher_val_roc_auc"] == {}
+    assert not any(t["target"].startswith("best teacher") for t in summary["targets"])
+    # the ensemble of the three no-KD students (the same logits): their mean ranks like each of them
+    assert summary["teacher_ensemble_holdout_roc_auc"] == pytest.approx(0.75)
+    text = (results / "report.md").read_text()
+    assert "No separate teacher was trained; the best no-KD student scores validation ROC-AUC 0.920" in text
+    assert "| student no-KD seed 1 |" in text and "| teacher" not in text

@@ -43,25 +43,42 @@ class Step:
 
 
 TINY_CONFIG = "distill_mobilenetv3_tiny.yaml"
-# The teachers, each trained at the teacher size and scored alone: "teacher" is the config's own teacher section;
-# the others come from their own config files (next to the run's config), which start from it with ``base:``.
-TEACHERS = {"teacher": None, "teacher_efficientnet_lite0": "teacher_efficientnet_lite0.yaml"}
+
+
+def teacher_configs(names: str) -> dict[str, Optional[str]]:
+    """``--teachers``: {step name: config file}, for a comma-separated list of names.
+
+    ``teacher`` is the run's config with its own teacher section (no file of its own); any other name is a config
+    file next to the run's config (``teacher_efficientnet_lite0`` is ``teacher_efficientnet_lite0.yaml``), which
+    starts from it with ``base:``. An empty list trains no separate teacher: the students are then distilled from
+    the ensemble of the no-KD students.
+    """
+    found = [n.strip().removesuffix(".yaml") for n in names.split(",") if n.strip()]
+    if len(set(found)) != len(found):
+        raise ValueError(f"--teachers {names}: a teacher is named twice")
+    return {name: None if name == "teacher" else f"{name}.yaml" for name in found}
 
 
 def plan(config: Path, overrides: list[str], out: Path, teacher_size: int, seeds: list[int],
-         qat_epochs: int, bootstrap: int) -> list[Step]:
+         qat_epochs: int, bootstrap: int, teachers: Optional[dict[str, Optional[str]]] = None) -> list[Step]:
     """The commands of the reference run, in order.
 
-    The teachers (``TEACHERS``); one no-KD student per seed; one distilled student per seed, each taught by the
-    ensemble of the teachers and the no-KD students (cached mean logits, at the teacher's resolution); QAT int8
-    of the first distilled student; the edge-class student; the baselines on the same split.
+    The ``teachers`` ({step name: config file next to ``config``, None for its own teacher section; see
+    ``teacher_configs``), each at ``teacher_size``; one no-KD student per seed; one distilled student per seed,
+    each taught by the ensemble of the teachers and the no-KD students (cached mean logits, each member at its
+    own resolution); QAT int8 of the first distilled student; the edge-class student; the baselines on the same
+    split.
     """
+    teachers = teachers or {}
+    for name, teacher_config in teachers.items():
+        if teacher_config is not None and not (config.parent / teacher_config).is_file():
+            raise FileNotFoundError(f"--teachers {name}: no config {config.parent / teacher_config}")
     py = [sys.executable, "-m"]
     sets = [a for o in overrides for a in ("--set", o)]
     base = ["--config", str(config)] + sets
     train = py + ["melanoma_tf.train"] + base + ["--set", "output.evaluate=true"]
     steps = []
-    for name, teacher_config in TEACHERS.items():
+    for name, teacher_config in teachers.items():
         argv = (train if teacher_config is None else
                 py + ["melanoma_tf.train", "--config", str(config.parent / teacher_config)] + sets
                 + ["--set", "output.evaluate=true"])
@@ -73,7 +90,7 @@ def plan(config: Path, overrides: list[str], out: Path, teacher_size: int, seeds
         steps.append(Step(f"student_seed{seed}", train + ["--set", "stages=[student]", "--set", f"seed={seed}",
                                                           "--run-dir", str(folder)],
                           folder / "eval_holdout" / "metrics.json"))
-    members = [str(out / name) for name in TEACHERS] + [str(out / f"student_seed{s}") for s in seeds]
+    members = [str(out / name) for name in teachers] + [str(out / f"student_seed{s}") for s in seeds]
     # Validation predictions of every ensemble member: is their mean clearly better than the best student alone?
     for folder in map(Path, members):
         steps.append(Step(f"{folder.name}_on_validation",
@@ -162,13 +179,13 @@ def _shipped_evaluation(eval_dir: Path, model_name: str, run_name: str, model_fi
 
 
 def assemble(out: Path, results: Path, seeds: list[int], timings: dict, command: str,
-             external: str = "isic2017", bootstrap: int = 1000) -> dict:
-    """Writes the results folder from the finished run; returns the summary."""
+             external: str = "isic2017", bootstrap: int = 1000, teachers: tuple[str, ...] = ()) -> dict:
+    """Writes the results folder from the finished run (``teachers``: their step names); returns the summary."""
     from melanoma_tf import report
 
     baselines = out / (out / "baselines.done").read_text().strip()
     first = out / f"distill_seed{seeds[0]}"
-    teachers = {_teacher_label(name): out / name for name in TEACHERS
+    teachers = {_teacher_label(name): out / name for name in teachers
                 if (out / name / "eval_holdout" / "metrics.json").is_file()}
     evaluations = {label: folder / "eval_holdout" for label, folder in teachers.items()}
     evaluations.update({f"student no-KD seed {s}": out / f"student_seed{s}" / "eval_holdout" for s in seeds})
@@ -205,8 +222,7 @@ def assemble(out: Path, results: Path, seeds: list[int], timings: dict, command:
              for where in ("holdout", external)}
     float_auc = kd[seeds[0]]["roc_auc"]
     teacher_vals = {label: _metrics(folder)["val_roc_auc"] for label, folder in teachers.items()}
-    best_teacher = max(teacher_vals, key=teacher_vals.get)
-    teacher_val = teacher_vals[best_teacher]
+    best_teacher = max(teacher_vals, key=teacher_vals.get) if teacher_vals else None
     # what the students were distilled from: the ensemble of the teacher and the no-KD students, with TTA
     distill_stage = out / f"distill_seed{seeds[0]}" / "metrics.json"  # recorded since the distill stage scores it
     distill_teacher_val = (json.loads(distill_stage.read_text()).get("teacher_val_roc_auc")
@@ -223,8 +239,9 @@ def assemble(out: Path, results: Path, seeds: list[int], timings: dict, command:
          qat["roc_auc"] - best_baseline[0], "> 0", qat["roc_auc"] > best_baseline[0]),
         (f"int8 vs float ROC-AUC gap, holdout (float distilled seed {seeds[0]}: {float_auc:.3f})",
          abs(qat["roc_auc"] - float_auc), "<= 0.01", abs(qat["roc_auc"] - float_auc) <= 0.01),
-        (f"best teacher ({best_teacher}) minus the best no-KD student, validation ROC-AUC", teacher_val - student_val,
-         "> 0.01", teacher_val - student_val > 0.01),
+        *([(f"best teacher ({best_teacher}) minus the best no-KD student, validation ROC-AUC",
+            teacher_vals[best_teacher] - student_val, "> 0.01", teacher_vals[best_teacher] - student_val > 0.01)]
+          if best_teacher else []),
         *([("distillation teacher (ensemble, TTA) minus the best no-KD student, validation ROC-AUC",
             distill_teacher_val - student_val, "> 0.01", distill_teacher_val - student_val > 0.01)]
           if distill_teacher_val is not None else []),
@@ -325,10 +342,12 @@ def assemble(out: Path, results: Path, seeds: list[int], timings: dict, command:
              "one giving 95% sensitivity on the validation split, applied unchanged to both; ECE is after the "
              "validation-fitted Platt calibration stored in the sidecar. Intervals: bootstrap over lesions "
              "(over images on the external set, which has no lesion ids).", "", "## Models", "", table, "",
-             "Teachers' validation ROC-AUC: "
-             + ", ".join(f"{label} {value:.3f}" for label, value in teacher_vals.items())
-             + f"; the best no-KD student: {student_val:.3f}. The distillation teacher, the mean logit of the "
-             "teachers and the no-KD students"
+             ("Teachers' validation ROC-AUC: "
+              + ", ".join(f"{label} {value:.3f}" for label, value in teacher_vals.items())
+              + f"; the best no-KD student: {student_val:.3f}. The distillation teacher, the mean logit of the "
+              "teachers and the no-KD students" if teacher_vals else
+              f"No separate teacher was trained; the best no-KD student scores validation ROC-AUC {student_val:.3f}. "
+              "The distillation teacher, the mean logit of the no-KD students")
              + (f" (4-flip TTA), scores validation ROC-AUC {distill_teacher_val:.3f} and"
                 if distill_teacher_val is not None else ",")
              + f" holdout ROC-AUC {ensemble_auc:.3f} (for information; never chosen on the holdout)."
@@ -419,7 +438,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--config", default="configs/reference_ham10000.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--results", help="summary folder (default results/<config name>)")
-    parser.add_argument("--teacher-size", type=int, default=224, help="the teacher's input size")
+    parser.add_argument("--teachers", default="", metavar="NAME,...",
+                        help="separate teachers, trained first and added to the ensemble: 'teacher' (the config's "
+                             "teacher section) or config files next to the config, e.g. "
+                             "teacher,teacher_efficientnet_lite0 (default: none; the ensemble of the no-KD "
+                             "students teaches)")
+    parser.add_argument("--teacher-size", type=int, default=224, help="the separate teachers' input size")
     parser.add_argument("--seeds", default="1,2,3", help="seeds of the no-KD students (also ensemble members)")
     parser.add_argument("--qat-epochs", type=int, default=2)
     parser.add_argument("--bootstrap", type=int, default=1000)
@@ -436,7 +460,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         out = ROOT / out
     results = Path(args.results) if args.results else ROOT / "results" / config.stem
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    steps = plan(config.resolve(), args.overrides, out, args.teacher_size, seeds, args.qat_epochs, args.bootstrap)
+    try:
+        teachers = teacher_configs(args.teachers)
+        steps = plan(config.resolve(), args.overrides, out, args.teacher_size, seeds, args.qat_epochs,
+                     args.bootstrap, teachers)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if args.dry_run:
         for step in steps:
             print(" ".join(step.argv))
@@ -449,8 +479,9 @@ def main(argv: Optional[list[str]] = None) -> int:
               "continue", file=sys.stderr)
         return 1
     command = " ".join(["python tools/reference_run.py", "--config", args.config]
+                       + (["--teachers", ",".join(teachers)] if teachers else [])
                        + [a for o in args.overrides for a in ("--set", o)])
-    summary = assemble(out, results, seeds, timings, command, bootstrap=args.bootstrap)
+    summary = assemble(out, results, seeds, timings, command, bootstrap=args.bootstrap, teachers=tuple(teachers))
     for target in summary["targets"]:
         print(f"target {target['target']}: {target['value']:.3f} (goal {target['goal']}) "
               f"{'OK' if target['met'] else 'MISSED'}")
