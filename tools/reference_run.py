@@ -223,7 +223,7 @@ def assemble(out: Path, results: Path, seeds: list[int], timings: dict, command:
     float_auc = kd[seeds[0]]["roc_auc"]
     teacher_vals = {label: _metrics(folder)["val_roc_auc"] for label, folder in teachers.items()}
     best_teacher = max(teacher_vals, key=teacher_vals.get) if teacher_vals else None
-    # what the students were distilled from: the ensemble of the teacher and the no-KD students, with TTA
+    # what the students were distilled from: the ensemble of the teachers (if any) and the no-KD students, with TTA
     distill_stage = out / f"distill_seed{seeds[0]}" / "metrics.json"  # recorded since the distill stage scores it
     distill_teacher_val = (json.loads(distill_stage.read_text()).get("teacher_val_roc_auc")
                            if distill_stage.is_file() else None)
