@@ -45,3 +45,29 @@ def test_edge_sources_compile_against_tflm_api(tmp_path):
                                  f"-I{REPO / 'tests' / 'tflm_api'}", f"-I{REPO / 'edge'}", f"-I{tmp_path / 'gen'}",
                                  str(source)], capture_output=True, text=True)
         assert result.returncode == 0, f"{source.name} {defines}:\n{result.stderr}"
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make not installed")
+def test_edge_makefile_takes_relative_paths_from_the_repository_root(tmp_path):
+    """`make -C edge ...` runs in edge/: the paths a user types at the repository root must still point there."""
+    import os
+
+    def make(*args):
+        return subprocess.run(["make", "--no-print-directory", "-C", "edge", *args], cwd=REPO,
+                              capture_output=True, text=True)
+
+    printed = make("-n", "generate", "MODEL=runs/x/int8.tflite", "IMAGE=lesion.jpg", "PYTHON=.venv/bin/python").stdout
+    assert f"{REPO}/.venv/bin/python {REPO}/edge/../tools/tflite_to_c.py {REPO}/runs/x/int8.tflite" in printed
+    assert f"--image {REPO}/lesion.jpg" in printed
+    # a bare command name is left to PATH
+    assert make("-n", "generate", "MODEL=m.tflite", "PYTHON=python3").stdout.lstrip().splitlines()[1].startswith(
+        "python3 ")
+
+    checkout = tmp_path / "tflite-micro"
+    (checkout / "tensorflow/lite/micro/tools/make").mkdir(parents=True)
+    (checkout / "tensorflow/lite/micro/tools/make/Makefile").write_text("")
+    found = make("check-tflm", f"TFLM_DIR={os.path.relpath(checkout, REPO)}")
+    assert "is not a tflite-micro checkout" not in found.stdout + found.stderr
+    missing = make("check-tflm", "TFLM_DIR=no/such/checkout")
+    assert missing.returncode != 0
+    assert f"{REPO}/no/such/checkout is not a tflite-micro checkout" in missing.stdout
