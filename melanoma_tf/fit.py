@@ -30,22 +30,27 @@ STALE_FILES = ("state.json", "history.csv", "best.weights.h5")
 
 @dataclass(frozen=True)
 class Phase:
-    """Epochs trained with one optimizer: ``head`` (frozen backbone), ``finetune``, ``train`` or ``qat``."""
+    """Epochs trained with one optimizer: ``head`` (frozen backbone), ``finetune``, ``train`` or ``qat``.
+
+    ``backbone_lr_scale``: the learning rate of every layer but the head, relative to ``lr``.
+    """
 
     name: str
     epochs: int
     lr: float
+    backbone_lr_scale: float = 1.0
 
 
 def phases_for(stage: str, cfg: Config) -> list[Phase]:
     """A stage's phases, run one after the other: a frozen teacher trains its head, then fine-tunes."""
     if stage != "teacher":
-        return [Phase("train", cfg.train.epochs, cfg.train.lr)]
+        return [Phase("train", cfg.train.epochs, cfg.train.lr, cfg.train.backbone_lr_scale)]
     t = cfg.teacher
+    scale = cfg.train.backbone_lr_scale if t.backbone_lr_scale is None else t.backbone_lr_scale
     phases = [Phase("head" if t.mode == "frozen" else "train", cfg.train.epochs if t.epochs is None else t.epochs,
-                    cfg.train.lr if t.lr is None else t.lr)]
+                    cfg.train.lr if t.lr is None else t.lr, scale)]
     if t.mode == "frozen" and t.finetune_epochs and t.finetune_blocks:
-        phases.append(Phase("finetune", t.finetune_epochs, t.finetune_lr))
+        phases.append(Phase("finetune", t.finetune_epochs, t.finetune_lr, scale))
     return [p for p in phases if p.epochs > 0]
 
 
@@ -81,8 +86,9 @@ class ScaledAdamW(_ScaledSteps, keras.optimizers.AdamW):
 def scheduled_optimizer(cfg: Config, phase: Phase, steps_per_epoch: int, student: Optional[keras.Model] = None):
     """Adam (AdamW with ``train.weight_decay``) with the configured schedule over the phase.
 
-    With ``train.backbone_lr_scale`` != 1 (and the student given), every variable but the head's
-    steps at that fraction of the learning rate (:func:`melanoma_tf.models.backbone_variables`).
+    With ``phase.backbone_lr_scale`` != 1 (``train.backbone_lr_scale``, or ``teacher.backbone_lr_scale`` for a
+    teacher; the student given), every variable but the head's steps at that fraction of the learning rate
+    (:func:`melanoma_tf.models.backbone_variables`).
     """
     t = cfg.train
     if t.lr_schedule == "cosine":
@@ -97,8 +103,9 @@ def scheduled_optimizer(cfg: Config, phase: Phase, steps_per_epoch: int, student
         optimizer = ScaledAdamW(learning_rate=rate, weight_decay=t.weight_decay)
     else:
         optimizer = ScaledAdam(learning_rate=rate)
-    if student is not None and t.backbone_lr_scale != 1.0:
-        optimizer.scale_steps(models.backbone_variables(student), t.backbone_lr_scale)
+    if student is not None and phase.backbone_lr_scale != 1.0:
+        optimizer.scale_steps(models.backbone_variables(student), phase.backbone_lr_scale)
+        log.info("phase %s: the backbone learns at %gx the learning rate", phase.name, phase.backbone_lr_scale)
     return optimizer
 
 

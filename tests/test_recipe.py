@@ -16,7 +16,7 @@ from melanoma_tf import models
 from melanoma_tf import quantize as Q
 from melanoma_tf import train as T
 from melanoma_tf.backend import keras, tf
-from melanoma_tf.fit import Phase, ScaledAdam, scheduled_optimizer
+from melanoma_tf.fit import Phase, ScaledAdam, phases_for, scheduled_optimizer
 from melanoma_tf.tflite import TFLiteModel
 
 
@@ -78,10 +78,26 @@ def test_backbone_steps_are_scaled_head_steps_are_not():
     assert any(np.abs(s).max() > 0 for s in steps["plain"])
 
     cfg = C.from_dict({"train": {"backbone_lr_scale": 0.2, "lr_schedule": "constant"}})
-    optimizer = scheduled_optimizer(cfg, Phase("train", 1, 1e-3), 10, student)
+    (phase,) = phases_for("student", cfg)
+    optimizer = scheduled_optimizer(cfg, phase, 10, student)
     assert len(optimizer._step_scales) == len(backbone) and set(optimizer._step_scales.values()) == {0.2}
+    assert not hasattr(scheduled_optimizer(cfg, Phase("train", 1, 1e-3), 10, student), "_step_scales")
     with pytest.raises(C.ConfigError, match="train.backbone_lr_scale"):
         C.from_dict({"train": {"backbone_lr_scale": 0}})
+
+
+def test_a_teacher_can_have_its_own_backbone_learning_rate():
+    """``teacher.backbone_lr_scale`` overrides ``train.backbone_lr_scale`` for the teacher stage only."""
+    cfg = C.from_dict({"train": {"backbone_lr_scale": 0.3}, "teacher": {"backbone_lr_scale": 1.0}})
+    assert [p.backbone_lr_scale for p in phases_for("teacher", cfg)] == [1.0]
+    assert [p.backbone_lr_scale for p in phases_for("student", cfg)] == [0.3]
+    assert [p.backbone_lr_scale for p in phases_for("distill", cfg)] == [0.3]
+    inherited = C.from_dict({"train": {"backbone_lr_scale": 0.3},
+                             "teacher": {"mode": "frozen", "finetune_blocks": 2, "finetune_epochs": 1}})
+    assert [(p.name, p.backbone_lr_scale) for p in phases_for("teacher", inherited)] == [("head", 0.3),
+                                                                                          ("finetune", 0.3)]
+    with pytest.raises(C.ConfigError, match="teacher.backbone_lr_scale"):
+        C.from_dict({"teacher": {"backbone_lr_scale": -1}})
 
 
 def test_weight_average_follows_the_decay_with_warm_up():

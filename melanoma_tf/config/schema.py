@@ -129,6 +129,7 @@ class TeacherConfig:
     finetune_lr: float = 1.0e-5
     epochs: Optional[int] = None  # overrides train.epochs for the teacher stage
     lr: Optional[float] = None  # overrides train.lr for the teacher stage
+    backbone_lr_scale: Optional[float] = None  # overrides train.backbone_lr_scale for the teacher stage
 
 
 @dataclass(frozen=True)
@@ -276,6 +277,8 @@ class Config:
             ("teacher.finetune_lr", self.teacher.finetune_lr > 0, "must be > 0"),
             ("teacher.epochs", self.teacher.epochs is None or self.teacher.epochs >= 0, "must be >= 0"),
             ("teacher.lr", self.teacher.lr is None or self.teacher.lr > 0, "must be > 0"),
+            ("teacher.backbone_lr_scale", self.teacher.backbone_lr_scale is None
+             or 0 < self.teacher.backbone_lr_scale <= 10, "must be in (0, 10]"),
             ("student.alpha", self.student.alpha > 0, "must be > 0"),
             ("student.dropout", 0 <= self.student.dropout < 1, "must be in [0, 1)"),
             ("student.head_units", self.student.head_units >= 0, "must be >= 0"),
