@@ -103,8 +103,10 @@ def scheduled_optimizer(cfg: Config, phase: Phase, steps_per_epoch: int, student
         optimizer = ScaledAdamW(learning_rate=rate, weight_decay=t.weight_decay)
     else:
         optimizer = ScaledAdam(learning_rate=rate)
-    if student is not None and phase.backbone_lr_scale != 1.0:
-        optimizer.scale_steps(models.backbone_variables(student), phase.backbone_lr_scale)
+    # A frozen backbone (a teacher's head phase) has no trainable variable to scale, and says nothing.
+    backbone = models.backbone_variables(student) if student is not None and phase.backbone_lr_scale != 1.0 else []
+    if backbone:
+        optimizer.scale_steps(backbone, phase.backbone_lr_scale)
         log.info("phase %s: the backbone learns at %gx the learning rate", phase.name, phase.backbone_lr_scale)
     return optimizer
 

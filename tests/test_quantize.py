@@ -136,6 +136,36 @@ def test_qat_on_real_mobilenet_v3_small(trained_run, ptq_folder, tmp_path):
     assert not (folder / "qat_train" / "teacher_logits.npz").exists(), "a student without a teacher distils nothing"
 
 
+def test_qat_starts_from_activation_ranges_calibrated_on_training_images(trained_run):
+    """TF-MOT starts every activation range at [-6, 6]; calibrated, the QAT model computes what the float one does."""
+    from melanoma_tf import models
+
+    cfg = C.load(trained_run / "config.yaml")
+    student = models.load_model(trained_run / "model.keras")
+    held = load_images(runs.split_frame(cfg, trained_run, "val")["path"].tolist()[:64], cfg.data.image_size)
+    float_logits = student(held, training=False).numpy().ravel()
+    qat = Q.quantization_aware(student)
+    ranges = Q._moving_average_ranges(qat)
+    assert len(ranges) > 100 and {float(np.abs(v.numpy()).max()) for v in ranges} == {6.0}
+    statistics = {v.name: v.numpy() for v in qat.variables if "moving_" in v.name}
+    assert statistics
+
+    def logit_error():
+        return float(np.abs(qat(held, training=False).numpy().ravel() - float_logits).mean())
+
+    before = logit_error()
+    assert Q.calibrate_ranges(qat, Q.representative_images(cfg, trained_run, 96, 0)) == len(ranges)
+    after = logit_error()
+    assert after < 0.2 * before, (before, after)
+    assert np.corrcoef(qat(held, training=False).numpy().ravel(), float_logits)[0, 1] > 0.98
+    lows, highs = np.array([v.numpy() for v in ranges[0::2]]), np.array([v.numpy() for v in ranges[1::2]])
+    assert (lows <= 0).all() and (highs >= 0).all() and (highs > lows).all()
+    assert not np.isin(highs, [6.0]).any(), "a range still at TF-MOT's start"
+    for v in qat.variables:  # the calibration passes leave BatchNorm's statistics as trained
+        if v.name in statistics:
+            np.testing.assert_array_equal(v.numpy(), statistics[v.name])
+
+
 def test_quantization_aware_wraps_every_layer_of_the_student():
     from melanoma_tf import models
 

@@ -82,6 +82,9 @@ def test_backbone_steps_are_scaled_head_steps_are_not():
     optimizer = scheduled_optimizer(cfg, phase, 10, student)
     assert len(optimizer._step_scales) == len(backbone) and set(optimizer._step_scales.values()) == {0.2}
     assert not hasattr(scheduled_optimizer(cfg, Phase("train", 1, 1e-3), 10, student), "_step_scales")
+    for layer in student.layers:  # a frozen backbone (a teacher's head phase): nothing to scale
+        layer.trainable = layer.name in models.HEAD_LAYERS
+    assert not hasattr(scheduled_optimizer(cfg, phase, 10, student), "_step_scales")
     with pytest.raises(C.ConfigError, match="train.backbone_lr_scale"):
         C.from_dict({"train": {"backbone_lr_scale": 0}})
 

@@ -80,6 +80,22 @@ def test_without_separate_teachers_the_no_kd_students_teach(tmp_path):
                 RR.teacher_configs("no_such_teacher"))
 
 
+def test_run_steps_skips_finished_steps_adds_time_to_rerun_ones_and_keeps_the_plan_order(tmp_path):
+    """A resumed run keeps each finished step's seconds; the timings come back in plan order, not the file's."""
+    names = ["student_seed1", "distill_seed1", "quantize", "baselines_x"]
+    steps = [RR.Step(name, [sys.executable, "-c", f"open({str(tmp_path / name)!r}, 'w').close()"], tmp_path / name)
+             for name in names]
+    for name in ("student_seed1", "baselines_x"):
+        (tmp_path / name).touch()
+    (tmp_path / "timings.json").write_text(json.dumps({"baselines_x": 5.0, "quantize": 100.0, "student_seed1": 7.0}))
+    timings = RR.run_steps(steps, tmp_path)
+    assert list(timings) == names
+    assert timings["student_seed1"] == 7.0 and timings["baselines_x"] == 5.0
+    assert timings["quantize"] > 100.0 and 0 < timings["distill_seed1"] < 60  # a rerun step adds its new time
+    assert all((tmp_path / name).is_file() for name in names)
+    assert json.loads((tmp_path / "timings.json").read_text()).keys() == set(names)
+
+
 def test_dry_run_prints_the_commands():
     def dry_run(*args):
         return subprocess.run([sys.executable, str(REPO / "tools" / "reference_run.py"), "--dry-run", "--seeds", "1",

@@ -146,7 +146,8 @@ def run_steps(steps: list[Step], out: Path) -> dict:
         if step.name == "baselines":
             write_atomic(step.done, _newest(out, "baselines-*") .name + "\n")
         write_json(timings_path, timings)
-    return timings
+    order = [step.name for step in steps]  # the file's keys are sorted; the report lists steps as they run
+    return dict(sorted(timings.items(), key=lambda item: order.index(item[0]) if item[0] in order else len(order)))
 
 
 def _newest(folder: Path, pattern: str) -> Path:

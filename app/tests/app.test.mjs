@@ -1,12 +1,14 @@
 // The app in a real browser (Debian's Chromium, headless): parity with Python, offline, privacy,
 // bad input, a damaged model, and the screenshots README shows.
 import assert from 'node:assert/strict';
-import {mkdirSync, mkdtempSync, readFileSync} from 'node:fs';
+import {mkdirSync, mkdtempSync, readFileSync, writeFileSync} from 'node:fs';
 import {tmpdir} from 'node:os';
 import {join} from 'node:path';
 import {after, before, test} from 'node:test';
 import {chromium} from 'playwright-core';
-import {APP, chromiumPath, classify, expectedOutputs, launch, NO_HAM, PHONE, startServer, waitReady} from './helpers.mjs';
+import {
+  APP, chromiumPath, classify, expectedOutputs, launch, NO_HAM, PHONE, pythonCommand, startServer, waitReady,
+} from './helpers.mjs';
 
 // A test run leaves the tracked screenshots alone; UPDATE_SCREENSHOTS=1 npm test rewrites the ones README shows.
 const SCREENSHOTS = process.env.UPDATE_SCREENSHOTS ? join(APP, 'screenshots') : join(APP, 'test-results', 'screenshots');
@@ -193,4 +195,13 @@ test('Chromium can install it as an app (manifest, icons, service worker)', asyn
   } finally {
     await context.close();
   }
+});
+
+test('the Python side is $PYTHON, else the README\'s .venv, else python on PATH', () => {
+  const repo = mkdtempSync(join(tmpdir(), 'app-repo-'));
+  assert.equal(pythonCommand({}, repo), 'python');
+  mkdirSync(join(repo, '.venv', 'bin'), {recursive: true});
+  writeFileSync(join(repo, '.venv', 'bin', 'python'), '');
+  assert.equal(pythonCommand({}, repo), join(repo, '.venv', 'bin', 'python'));
+  assert.equal(pythonCommand({PYTHON: '/opt/py/bin/python3'}, repo), '/opt/py/bin/python3');
 });

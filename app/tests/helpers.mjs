@@ -61,9 +61,19 @@ export async function classify(page, file) {
   };
 }
 
-/** Runs a Python script of this repository (the test command's environment has the package installed). */
+/**
+ * The Python that has this package installed: $PYTHON, else the README's virtual environment
+ * (`.venv` at the repository root), else `python` on PATH (an activated environment).
+ */
+export function pythonCommand(env = process.env, repo = REPO) {
+  if (env.PYTHON) return env.PYTHON;
+  const venv = [join(repo, '.venv', 'bin', 'python'), join(repo, '.venv', 'Scripts', 'python.exe')];
+  return venv.find((p) => existsSync(p)) || 'python';
+}
+
+/** Runs a Python script of this repository with {@link pythonCommand}. */
 export function runPython(args) {
-  const python = process.env.PYTHON || 'python';
+  const python = pythonCommand();
   const result = spawnSync(python, args, {cwd: REPO, encoding: 'utf8', maxBuffer: 64 << 20});
   if (result.status !== 0) {
     throw new Error(`${python} ${args.join(' ')} failed (${result.status}):\n${result.stderr.slice(-3000)}`);
