@@ -136,11 +136,12 @@ def calibrate_ranges(qat: keras.Model, images: np.ndarray, rounds: int = 3, batc
     TF-MOT starts every activation range at [-6, 6] and moves it by an exponential average
     with decay 0.999 per training step, so after the few hundred steps of a fine-tune it is
     still mostly [-6, 6]: wider activations are clipped, narrow ones get coarse steps, and the
-    model never recovers. (A MobileNetV3-Small student lost 0.05 validation ROC-AUC that way.)
+    model never recovers. (The 224 px reference student lost 0.05 validation ROC-AUC that way.)
     Here each range becomes the mean over the images' batches of its batch extremes (the
     average with its start removed). A range sees activations already quantized upstream, so
-    the pass is repeated until upstream ranges are settled. BatchNorm statistics updated by
-    the passes are put back; weight ranges are recomputed at every step anyway.
+    the images pass ``rounds`` times, each pass with the upstream ranges of the one before.
+    BatchNorm statistics updated by the passes are put back; weight ranges are recomputed at
+    every step anyway.
     """
     ranges = _moving_average_ranges(qat)
     kept = [(v, v.numpy()) for v in qat.variables if "moving_mean" in v.name or "moving_variance" in v.name]
@@ -150,7 +151,7 @@ def calibrate_ranges(qat: keras.Model, images: np.ndarray, rounds: int = 3, batc
         start = [v.numpy() for v in ranges]
         for batch in batches:
             forward(batch)
-        left = 0.999 ** len(batches)  # the weight the average still gives its start
+        left = 0.999 ** len(batches)  # the weight TF-MOT's average (decay 0.999) still gives its start
         for v, v0 in zip(ranges, start):
             v.assign((v.numpy() - left * v0) / (1.0 - left))
         for v, value in kept:
