@@ -159,6 +159,46 @@ def calibrate_ranges(qat: keras.Model, images: np.ndarray, rounds: int = 3, batc
     return len(ranges)
 
 
+def fit_biases_in_int32(qat: keras.Model) -> int:
+    """Widens the weight ranges whose int32 bias would overflow in TFLite; returns how many channels changed.
+
+    TFLite stores a bias in int32 at the scale input scale x weight scale. TF-MOT gives a channel
+    whose kernel is (almost) zero a range of almost zero, as in squeeze-excite channels that
+    the pretrained network switched off (kernel 0, bias 3: the gate always open). Their bias
+    then overflows and is saturated: the gate closes to about half. Post-training int8 widens such
+    weight scales; this does the same to the QAT model before conversion. The smallest activation
+    scale in the model bounds every layer's input scale from below; a channel is widened only
+    where its own range is too small for its bias at that scale, so its weights keep their values.
+    """
+    from tensorflow_model_optimization.python.core.quantization.keras import quantize_wrapper
+
+    ranges = _moving_average_ranges(qat)
+    widths = [float(hi.numpy().max() - lo.numpy().min()) for lo, hi in zip(ranges[0::2], ranges[1::2])]
+    input_scale = min([w / 255.0 for w in widths if w > 0] or [1.0])
+    changed = 0
+    def short(variable) -> str:
+        return variable.name.split("/")[-1].split(":")[0]
+
+    for layer in qat.layers:
+        if not isinstance(layer, quantize_wrapper.QuantizeWrapper):
+            continue
+        biases = [w for w in layer.layer.weights if short(w) == "bias"]
+        if not biases:
+            continue
+        bias = np.abs(biases[0].numpy())
+        for weight, _, found in layer._weight_vars:  # the wrapper replaces layer.kernel by its quantized tensor
+            if short(weight) not in ("kernel", "depthwise_kernel"):
+                continue
+            high = found["max_var"].numpy()
+            needed = bias * 127.0 / (2.0 ** 31 * input_scale) * 1.01  # narrow-range symmetric: scale = max / 127
+            needed = needed if needed.shape == high.shape else np.full_like(high, needed.max())
+            wider = np.maximum(high, needed)
+            changed += int((wider > high).sum())
+            found["max_var"].assign(wider)
+            found["min_var"].assign(-wider)
+    return changed
+
+
 def float64_copy(model: keras.Model) -> keras.Model:
     """The same model computing in float64 (the 64-bit reference of the bit-width comparison)."""
     config = model.get_config()
@@ -409,6 +449,9 @@ def quantize_run(run_dir: str | Path, modes: tuple[str, ...] = MODES, qat_epochs
         if mode == "qat":
             source = qat_finetune(models.load_model(stage_dir / "model.keras"), cfg, stage_dir,
                                   folder / "qat_train", qat_epochs, qat_lr, calibration=representative)
+            widened = fit_biases_in_int32(source)
+            if widened:
+                log.info("QAT: %d weight channel range(s) widened so that their int32 biases fit", widened)
         elif mode == "int4":
             source = cluster_4bit(models.load_model(stage_dir / "model.keras"))
         else:

@@ -166,6 +166,35 @@ def test_qat_starts_from_activation_ranges_calibrated_on_training_images(trained
             np.testing.assert_array_equal(v.numpy(), statistics[v.name])
 
 
+def test_a_switched_off_channel_keeps_its_bias_in_the_qat_flatbuffer(tmp_path):
+    """A channel with a zero kernel and a large bias (an always-open squeeze-excite gate) survives int32 biases."""
+    from melanoma_tf.backend import keras, tf
+
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Rescaling(1 / 127.5, offset=-1)(inputs)
+    x = keras.layers.Conv2D(4, 1, activation="relu", name="squeeze")(x)
+    outputs = keras.layers.Conv2D(3, 1, name="gate")(x)
+    model = keras.Model(inputs, outputs)
+    kernel, bias = model.get_layer("gate").get_weights()
+    kernel[..., 0], bias[0] = 0.0, 3.0  # switched off: the output is its bias
+    model.get_layer("gate").set_weights([kernel, bias])
+    images = np.random.default_rng(0).uniform(0, 255, (64, 8, 8, 3)).astype(np.float32)
+    qat = Q.quantization_aware(model)
+    Q.calibrate_ranges(qat, images)
+    before = qat(images[:8], training=False).numpy()
+
+    def flatbuffer_output():
+        path = tmp_path / "gate.tflite"
+        path.write_bytes(Q.convert(qat, "qat", images))
+        return TFLiteModel(path).predict(images[:8])
+
+    assert np.abs(flatbuffer_output()[..., 0] - 3.0).max() > 1.0, "the int32 bias no longer overflows: test is moot"
+    assert Q.fit_biases_in_int32(qat) == 1
+    np.testing.assert_array_equal(qat(images[:8], training=False).numpy(), before)  # the Keras model is unchanged
+    np.testing.assert_allclose(flatbuffer_output(), before, atol=0.1)
+    assert Q.fit_biases_in_int32(qat) == 0
+
+
 def test_quantization_aware_wraps_every_layer_of_the_student():
     from melanoma_tf import models
 
