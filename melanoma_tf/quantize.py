@@ -113,15 +113,23 @@ def quantization_aware(student: keras.Model) -> keras.Model:
         return Q.quantize_apply(annotated)
 
 
-def _moving_average_ranges(qat: keras.Model) -> list:
-    """The min/max variables of every activation and output range that TF-MOT learns by moving average."""
+def _wrapped_layers(qat: keras.Model) -> list:
+    """The QAT model's layers that TF-MOT wraps (the input's QuantizeLayer is not one of them)."""
     from tensorflow_model_optimization.python.core.quantization.keras import quantize_wrapper
 
+    return [layer for layer in qat.layers if isinstance(layer, quantize_wrapper.QuantizeWrapper)]
+
+
+def _short_name(variable) -> str:
+    """``kernel`` for ``block/conv/kernel:0``."""
+    return variable.name.split("/")[-1].split(":")[0]
+
+
+def _moving_average_ranges(qat: keras.Model) -> list:
+    """The min/max variables of every activation and output range that TF-MOT learns by moving average."""
     moving = _tfmot().quantization.keras.quantizers.MovingAverageQuantizer
     ranges = []
-    for layer in qat.layers:
-        if not isinstance(layer, quantize_wrapper.QuantizeWrapper):
-            continue  # the input's QuantizeLayer keeps the extremes it has seen (AllValuesQuantizer)
+    for layer in _wrapped_layers(qat):  # the input's QuantizeLayer keeps the extremes it has seen (AllValuesQuantizer)
         groups = [(q, layer._output_quantizer_vars) for q in layer._output_quantizers[:1]]
         for activation in layer._quantize_activations:
             groups += [(activation.quantizer, getattr(activation, name)) for name in
@@ -170,24 +178,17 @@ def fit_biases_in_int32(qat: keras.Model) -> int:
     scale in the model bounds every layer's input scale from below; a channel is widened only
     where its own range is too small for its bias at that scale, so its weights keep their values.
     """
-    from tensorflow_model_optimization.python.core.quantization.keras import quantize_wrapper
-
     ranges = _moving_average_ranges(qat)
     widths = [float(hi.numpy().max() - lo.numpy().min()) for lo, hi in zip(ranges[0::2], ranges[1::2])]
     input_scale = min([w / 255.0 for w in widths if w > 0] or [1.0])
     changed = 0
-    def short(variable) -> str:
-        return variable.name.split("/")[-1].split(":")[0]
-
-    for layer in qat.layers:
-        if not isinstance(layer, quantize_wrapper.QuantizeWrapper):
-            continue
-        biases = [w for w in layer.layer.weights if short(w) == "bias"]
+    for layer in _wrapped_layers(qat):
+        biases = [w for w in layer.layer.weights if _short_name(w) == "bias"]
         if not biases:
             continue
         bias = np.abs(biases[0].numpy())
         for weight, _, found in layer._weight_vars:  # the wrapper replaces layer.kernel by its quantized tensor
-            if short(weight) not in ("kernel", "depthwise_kernel"):
+            if _short_name(weight) not in ("kernel", "depthwise_kernel"):
                 continue
             high = found["max_var"].numpy()
             needed = bias * 127.0 / (2.0 ** 31 * input_scale) * 1.01  # narrow-range symmetric: scale = max / 127
