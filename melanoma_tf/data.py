@@ -24,6 +24,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from melanoma_tf.backend import tf
 from melanoma_tf.errors import MelanomaTfError
 from melanoma_tf.files import write_atomic, write_json
+from melanoma_tf.pipeline import DECODING, decode_rgb
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +172,7 @@ def find_unreadable_images(paths: list[str]) -> list[int]:
     files = tf.data.Dataset.from_tensor_slices(tf.constant(paths, dtype=tf.string))
 
     def _decode(index, path):
-        image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+        image = decode_rgb(tf.io.read_file(path))
         # Touch the pixels so that truncated data fails here too.
         return index, tf.reduce_min(tf.shape(image))
 
@@ -193,7 +194,7 @@ def cached_unreadable_images(paths: list[str]) -> list[int]:
     Decoding 6,000 images takes ~15 s on 2 cores; a sweep starts hundreds of runs
     on the same files, so the answer is cached and recomputed when any file changes.
     """
-    signature = hashlib.sha256()
+    signature = hashlib.sha256(DECODING.encode())
     for path in paths:
         stat = os.stat(path)
         signature.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())

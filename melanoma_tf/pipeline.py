@@ -17,9 +17,38 @@ from melanoma_tf.backend import keras, tf
 from melanoma_tf.config import AugmentConfig
 
 
+# Names how image files become pixels; part of every cache key built on decoded pixels, so entries
+# made with another decoding (TensorFlow's fast DCT before 2026-12) are never reused.
+DECODING = "jpeg-islow/bilinear-antialias/uint8"
+
+
+def decode_rgb(contents: tf.Tensor) -> tf.Tensor:
+    """An encoded image (JPEG, PNG, BMP, GIF) to uint8 RGB, JPEGs with the accurate integer DCT.
+
+    TensorFlow's default JPEG decoding uses a fast, inexact DCT; Pillow, browsers and
+    libjpeg's own default use the accurate one (``JDCT_ISLOW``), about 1 grey level apart
+    on average and up to 6. Training, evaluation, the Pi tool, the app and the edge test
+    image must all see the same pixels, so every runtime decodes the accurate way.
+    """
+    def jpeg():
+        return tf.io.decode_jpeg(contents, channels=3, dct_method="INTEGER_ACCURATE")
+
+    def other():
+        return tf.io.decode_image(contents, channels=3, expand_animations=False)
+
+    image = tf.cond(tf.io.is_jpeg(contents), jpeg, other)
+    image.set_shape([None, None, 3])
+    return image
+
+
 def decode_and_resize(path: tf.Tensor, image_size: int) -> tf.Tensor:
-    """Reads one image file to a uint8 ``image_size x image_size x 3`` tensor."""
-    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    """Reads one image file to a uint8 ``image_size x image_size x 3`` tensor.
+
+    Bilinear with antialiasing (TensorFlow's ScaleAndTranslate, triangle kernel widened by the
+    downscale factor), rounded to uint8: ``tools/benchmark_tflite.py`` and the app re-implement
+    exactly this, and ``tests/test_decoding.py`` holds them to it.
+    """
+    image = decode_rgb(tf.io.read_file(path))
     image = tf.image.resize(image, (image_size, image_size), method="bilinear", antialias=True)
     return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
 
@@ -155,7 +184,7 @@ def make_dataset(paths: list[str], labels: np.ndarray, image_size: int, batch_si
         # One cache file per image list and size: train and validation must never share one.
         import hashlib
 
-        key = hashlib.sha1("\n".join(paths).encode()).hexdigest()[:12]
+        key = hashlib.sha1("\n".join([DECODING, *paths]).encode()).hexdigest()[:12]
         images = images.cache(f"{cache}_{image_size}px_{key}")
     extras = {}
     if teacher_logits is not None:

@@ -2,13 +2,14 @@
 """Benchmark TFLite melanoma models on a Raspberry Pi (or any machine): latency, memory, accuracy.
 
     python benchmark_tflite.py MODEL.tflite [MODEL2.tflite ...] [--threads N] [--warmup N] [--runs N]
-        [--images DIR --labels CSV] [--json OUT] [--csv OUT]
+        [--images DIR --labels CSV [--on-corrupt error|skip] [--predictions OUT.csv]] [--json OUT] [--csv OUT]
 
 Needs only numpy and one TFLite runtime: ``ai_edge_litert`` (pip install ai-edge-litert),
 else ``tflite_runtime``, else ``tensorflow.lite``. It never imports melanoma_tf.
 With ``--images`` it also scores ROC-AUC, sensitivity and specificity, using the
 threshold from the model's sidecar JSON (``MODEL.json`` beside ``MODEL.tflite``);
-images are decoded with Pillow if present (JPEG/PNG), resized to the model input.
+images are decoded and resized exactly as melanoma_tf trains (Pillow with libjpeg's accurate
+DCT, TensorFlow's antialiased bilinear resize re-implemented below, rounded to whole grey levels).
 """
 
 from __future__ import annotations
@@ -92,13 +93,93 @@ def roc_auc(y: np.ndarray, s: np.ndarray) -> float:
     return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def resample_spans(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """First source index and weights (``out_size x span``) of TensorFlow's antialiased bilinear resize on one axis.
+
+    ``tf.image.resize(..., "bilinear", antialias=True)`` is ScaleAndTranslate with a triangle kernel
+    widened by the downscale factor, sampled at pixel centres and normalised per output pixel. Every
+    step is done in float32 and in TensorFlow's order, so that the rounded pixels agree exactly.
+    """
+    f32 = np.float32
+    scale = f32(out_size) / f32(in_size)
+    inv_scale = f32(1.0) / scale
+    kernel_scale = max(inv_scale, f32(1.0))
+    span = min(2 * int(np.ceil(kernel_scale)) + 1, in_size)
+    starts = np.zeros(out_size, np.int64)
+    weights = np.zeros((out_size, span), np.float32)
+    for i in range(out_size):
+        centre = f32(i + 0.5) * inv_scale
+        start = min(max(int(np.ceil(centre - kernel_scale - f32(0.5))), 0), in_size - 1)
+        end = min(max(int(np.floor(centre + kernel_scale - f32(0.5))), 0), in_size - 1) + 1
+        total = f32(0.0)
+        for source in range(start, end):
+            w = max(f32(0.0), f32(1.0) - abs((f32(source) + f32(0.5) - centre) * (f32(1.0) / kernel_scale)))
+            weights[i, source - start] = w
+            total = f32(total + w)
+        if total != 0:
+            weights[i] *= f32(1.0) / total
+        starts[i] = start
+    return starts, weights
+
+
+def _resample_axis(image: np.ndarray, size: int, axis: int) -> np.ndarray:
+    """One pass of the separable resize along ``axis`` (0: rows, 1: columns), float32, summed in span order."""
+    starts, weights = resample_spans(image.shape[axis], size)
+    moved = np.moveaxis(image, axis, 0)
+    out = np.zeros((size,) + moved.shape[1:], np.float32)
+    shape = (size,) + (1,) * (moved.ndim - 1)
+    for k in range(weights.shape[1]):
+        index = np.minimum(starts + k, moved.shape[0] - 1)  # past the span's end the weight is 0
+        out += weights[:, k].reshape(shape) * moved[index]
+    return np.moveaxis(out, 0, axis)
+
+
+def resize_like_training(pixels: np.ndarray, size: int) -> np.ndarray:
+    """uint8 ``H x W x 3`` to ``size x size x 3`` uint8, as melanoma_tf's training pipeline resizes (rows first)."""
+    image = _resample_axis(pixels.astype(np.float32), size, 0)
+    image = _resample_axis(image, size, 1)
+    return np.clip(np.round(image), 0, 255).astype(np.uint8)
+
+
 def load_image(path: Path, size: int) -> np.ndarray:
+    """One image file as the model input: float32 RGB in [0, 255], ``size x size``.
+
+    The same pixels as melanoma_tf's training and evaluation: Pillow decodes JPEGs with
+    libjpeg's accurate integer DCT (TensorFlow is told to do the same), then the resize above.
+    Raises ``ValueError`` naming the file when it does not decode.
+    """
     try:
         from PIL import Image
     except ImportError:
         raise SystemExit("error: scoring images needs Pillow (pip install pillow)") from None
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.float32)
+    try:
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("RGB"))
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise ValueError(f"{path}: not a readable image ({type(err).__name__}: {err})") from None
+    return resize_like_training(pixels, size).astype(np.float32)
+
+
+def decode_labelled(labelled: list[tuple[Path, int]], size: int,
+                    on_corrupt: str = "error") -> tuple[list[tuple[Path, int, np.ndarray]], list[str]]:
+    """Every labelled image decoded before any is scored: (path, label, pixels), and the names skipped.
+
+    A file that does not decode stops the run with an error naming it (``on_corrupt="error"``), or is
+    left out and named in the result (``"skip"``), as ``data.on_corrupt`` does in training.
+    """
+    decoded, skipped = [], []
+    for path, label in labelled:
+        try:
+            decoded.append((path, label, load_image(path, size)))
+        except ValueError as err:
+            if on_corrupt == "error":
+                raise SystemExit(f"error: {err} (--on-corrupt skip leaves such files out)") from None
+            skipped.append(path.name)
+    if skipped:
+        print(f"warning: {len(skipped)} unreadable image(s) skipped, first: {skipped[0]}", file=sys.stderr)
+    if not decoded:
+        raise SystemExit("error: no readable image to score")
+    return decoded, skipped
 
 
 def read_labels(images: Path, labels: Path) -> list[tuple[Path, int]]:
@@ -172,7 +253,8 @@ def check_model_file(model_path: Path) -> None:
                          "a corrupt file")
 
 
-def benchmark(model_path: Path, threads: int, warmup: int, runs: int, labelled=None) -> dict:
+def benchmark(model_path: Path, threads: int, warmup: int, runs: int, labelled=None,
+              on_corrupt: str = "error") -> dict:
     interpreter_cls, runtime, version = load_runtime()
     if not model_path.is_file():
         raise SystemExit(f"error: model file not found: {model_path}")
@@ -214,18 +296,21 @@ def benchmark(model_path: Path, threads: int, warmup: int, runs: int, labelled=N
         calibration = sidecar.get("calibration") or {}
         a, b = (float(calibration["a"]), float(calibration["b"])) if calibration.get("method") == "platt" else (
             1.0 / float(sidecar.get("temperature") or 1.0), 0.0)
-        scores, labels, calibrated = [], [], []
-        for path, label in labelled:
-            image = load_image(path, shape[1])[None]
-            interpreter.set_tensor(inp["index"], quantize(image, inp))
+        decoded, skipped = decode_labelled(labelled, shape[1], on_corrupt)
+        scores, labels, calibrated, logits = [], [], [], []
+        for path, label, image in decoded:
+            interpreter.set_tensor(inp["index"], quantize(image[None], inp))
             interpreter.invoke()
             logit = float(dequantize(interpreter.get_tensor(out["index"]), out).reshape(-1)[0])
+            logits.append({"image_id": path.stem, "label": label, "logit": logit})
             scores.append(1 / (1 + np.exp(-logit)))
             calibrated.append(1 / (1 + np.exp(-(a * logit + b))))
             labels.append(label)
         y, s = np.asarray(labels), np.asarray(scores)
         called = s >= threshold
-        result.update({"n_images": len(y), "threshold": threshold, "roc_auc": roc_auc(y, s),
+        result["predictions"] = logits
+        result.update({"n_images": len(y), "n_skipped_unreadable": len(skipped), "skipped_unreadable": skipped,
+                       "threshold": threshold, "roc_auc": roc_auc(y, s),
                        "ece_calibrated": expected_calibration_error(y, np.asarray(calibrated)),
                        "calibration": f"sigmoid({a:.4g} * logit + {b:.4g})",
                        "sensitivity": float(called[y == 1].mean()) if (y == 1).any() else float("nan"),
@@ -252,15 +337,29 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=int, default=100)
     parser.add_argument("--images", help="image folder (with --labels) to score accuracy")
     parser.add_argument("--labels", help="CSV image_id,label (0/1)")
+    parser.add_argument("--on-corrupt", choices=("error", "skip"), default="error",
+                        help="an image that does not decode: stop with its name (default), or leave it out")
+    parser.add_argument("--predictions", help="write each model's per-image logits here (CSV: model,image_id,label,logit)")
     parser.add_argument("--json", help="write results as JSON here")
     parser.add_argument("--csv", help="write results as CSV here")
     args = parser.parse_args(argv)
     if (args.images is None) != (args.labels is None):
         parser.error("--images and --labels go together")
+    if args.predictions and args.images is None:
+        parser.error("--predictions needs --images and --labels")
     if args.runs < 1 or args.warmup < 0 or args.threads < 1:
         parser.error("--runs and --threads must be >= 1, --warmup >= 0")
     labelled = read_labels(Path(args.images), Path(args.labels)) if args.images else None
-    results = [benchmark(Path(m), args.threads, args.warmup, args.runs, labelled) for m in args.models]
+    results = [benchmark(Path(m), args.threads, args.warmup, args.runs, labelled, args.on_corrupt)
+               for m in args.models]
+    if args.predictions:
+        with open(args.predictions, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["model", "image_id", "label", "logit"])
+            writer.writeheader()
+            for r in results:
+                writer.writerows({"model": Path(r["model"]).name, **row} for row in r["predictions"])
+    for r in results:
+        r.pop("predictions", None)
     keys = ["model", "runtime", "size_mb", "input_dtype", "latency_ms_median", "latency_ms_p90", "peak_rss_mb"]
     if labelled:
         keys += ["roc_auc", "sensitivity", "specificity", "ece_calibrated"]
@@ -270,7 +369,9 @@ def main(argv=None) -> int:
     for r in results:
         print(" | ".join(f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k]) for k in keys))
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        # NaN (a rate with no images of its class) is written as null: JSON has no NaN.
+        clean = [{k: None if isinstance(v, float) and not np.isfinite(v) else v for k, v in r.items()} for r in results]
+        Path(args.json).write_text(json.dumps(clean, indent=2, allow_nan=False) + "\n")
     if args.csv:
         fields = sorted({k for r in results for k in r})
         with open(args.csv, "w", newline="") as handle:

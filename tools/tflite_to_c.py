@@ -178,10 +178,14 @@ def reference_score(model_path: Path, q: np.ndarray) -> int:
 
 
 def quantized_image(image: Path, size: int, scale: float, zero: int) -> np.ndarray:
-    from PIL import Image
+    """The test image as the model's int8 input, decoded and resized as in training (benchmark_tflite.load_image)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from benchmark_tflite import load_image
 
-    with Image.open(image) as im:
-        pixels = np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.float32)
+    try:
+        pixels = load_image(image, size)
+    except ValueError as err:
+        raise SystemExit(f"error: --image {err}") from None
     return np.clip(np.round(pixels / scale + zero), -128, 127).astype(np.int8)
 
 

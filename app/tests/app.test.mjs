@@ -15,7 +15,9 @@ const SCREENSHOTS = process.env.UPDATE_SCREENSHOTS ? join(APP, 'screenshots') : 
 let server;
 let browser;
 let expectedCache;
-const expected20 = () => (expectedCache ??= expectedOutputs(20));  // one Python run for every test
+// one Python run for every test: 20 images, the 2 nearest the threshold, 2 non-square copies, the rule on a grid
+const expectedAll = () => (expectedCache ??= expectedOutputs(20, {refer: 2, nonSquare: 2}));
+const expected20 = () => expectedAll().images.filter((e) => e.kind === 'picked');
 
 before(async () => {
   server = await startServer();
@@ -28,9 +30,16 @@ after(async () => {
 });
 
 test('shows what Python shows for 20 HAM10000 images, asks for nothing off the device', {skip: NO_HAM}, async () => {
-  const expected = expected20();
-  assert.equal(expected.length, 20);
-  assert.ok(new Set(expected.map((e) => e.decision)).size >= 2, 'the images should give more than one decision');
+  const expected = expectedAll().images;
+  assert.equal(expected.length, 24);
+  assert.equal(expected20().length, 20);
+  // All three answers are exercised on real images, the refer band included, and non-square photos too.
+  assert.deepEqual([...new Set(expected.map((e) => e.decision))].sort(), ['melanoma', 'not_melanoma', 'refer']);
+  assert.equal(expected.filter((e) => e.kind === 'non_square').length, 2);
+  // The app's pixels are the training pipeline's: for a square image, the expected logit is evaluate's own.
+  for (const e of expected.filter((x) => x.kind !== 'non_square')) {
+    assert.ok(Math.abs(e.logit - e.logit_tf_decode) <= 1e-6, `${e.path}: ${e.logit} vs ${e.logit_tf_decode}`);
+  }
   const context = await browser.newContext(PHONE);
   const page = await context.newPage();
   const requests = [];
@@ -46,7 +55,7 @@ test('shows what Python shows for 20 HAM10000 images, asks for nothing off the d
     const got = await classify(page, e.path);
     worst = Math.max(worst, Math.abs(got.probability - e.probability));
     assert.equal(got.state, 'ready', got.status);
-    assert.ok(Math.abs(got.probability - e.probability) <= 0.01,
+    assert.ok(Math.abs(got.probability - e.probability) <= 1e-4,
         `${e.path}: app ${got.probability}, Python ${e.probability}`);
     assert.equal(got.decision, e.decision, `${e.path}: app ${got.decision}, Python ${e.decision}`);
     assert.equal(got.shown, `${(100 * got.probability).toFixed(1)}%`);
@@ -74,6 +83,18 @@ test('shows what Python shows for 20 HAM10000 images, asks for nothing off the d
   });
   assert.ok(blocked, 'a request to another origin was not blocked');
   await context.close();
+});
+
+test('decide() and shownProbability() follow the Python rule on every logit of a grid around the threshold',
+    {skip: NO_HAM}, async () => {
+  const {grid, sidecar} = expectedAll();
+  const {decide, shownProbability} = await import('../src/decision.js');
+  assert.ok(grid.length > 400);
+  assert.deepEqual(new Set(grid.map((g) => g.decision)), new Set(['melanoma', 'not_melanoma', 'refer']));
+  for (const g of grid) {
+    assert.equal(decide(g.logit, sidecar), g.decision, `logit ${g.logit}`);
+    assert.ok(Math.abs(shownProbability(g.logit, sidecar) - g.probability) < 1e-12, `logit ${g.logit}`);
+  }
 });
 
 test('works offline after the first visit', {skip: NO_HAM}, async () => {

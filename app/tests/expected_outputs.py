@@ -2,7 +2,7 @@
 
 Run by tests/app.test.mjs (so the expected values are never typed by hand): the shipped int8
 model is run by the Python LiteRT interpreter on the images preprocessed as in training
-(melanoma_tf.evaluate.load_images), and the sidecar's calibration and decision rule are applied
+(melanoma_tf.pipeline.load_images, after the centre square the app crops), and the sidecar's calibration and decision rule are applied
 (melanoma_tf.export_app). Writes JSON: [{path, logit, probability, decision}, ...].
 
     python app/tests/expected_outputs.py --n 20 --out expected.json
@@ -11,6 +11,7 @@ model is run by the Python LiteRT interpreter on the images preprocessed as in t
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -33,20 +34,46 @@ def pick_images(root: Path, n: int) -> list[Path]:
     return [present[i] for i in [*mel, *other]]
 
 
-def browser_decoded(paths: list[Path], size: int) -> np.ndarray:
-    """The images as the app sees them: decoded like a browser, centre square, resized as in training."""
-    import tensorflow as tf
+def centre_squares(paths: list[Path], folder: Path) -> list[Path]:
+    """The centre square the app crops (its guide), saved losslessly (PNG) so the training reader can read it."""
     from PIL import Image
 
     out = []
-    for path in paths:
-        rgb = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)
-        h, w = rgb.shape[:2]
-        side = min(h, w)
-        y, x = (h - side) // 2, (w - side) // 2
-        square = rgb[y:y + side, x:x + side]
-        out.append(tf.image.resize(square, (size, size), method="bilinear", antialias=True).numpy())
-    return np.stack(out)
+    for index, path in enumerate(paths):
+        with Image.open(path) as image:
+            rgb = image.convert("RGB")
+        w, h = rgb.size
+        side = min(w, h)
+        x, y = (w - side) // 2, (h - side) // 2
+        square = folder / f"{index:03d}_{path.stem}.png"
+        rgb.crop((x, y, x + side, y + side)).save(square)
+        out.append(square)
+    return out
+
+
+def near_threshold(root: Path, model, sidecar: dict, exclude: set, n: int, pool: int = 300) -> list[Path]:
+    """The n images (of the first ``pool`` by id, not in ``exclude``) whose logits lie nearest the threshold:
+    inside the refer band when it is wide enough, so the app's third answer is tested on real images."""
+    present = sorted(p for p in (root / "images").glob("*.jpg") if p not in exclude)[:pool]
+    logits = model.predict(load_images([str(p) for p in present], int(model.input_shape[1])))[:, 0]
+    order = np.argsort(np.abs(logits - float(sidecar["threshold_logit"])), kind="stable")
+    return [present[i] for i in order[:n]]
+
+
+def non_square_copies(paths: list[Path], folder: Path) -> list[Path]:
+    """Copies cut to landscape and portrait (PNG, lossless): the app must crop the same centre square."""
+    from PIL import Image
+
+    out = []
+    for index, path in enumerate(paths):
+        with Image.open(path) as image:
+            rgb = image.convert("RGB")
+        w, h = rgb.size
+        box = (0, h // 8, w, h - h // 5) if index % 2 == 0 else (w // 6, 0, w - w // 10, h)
+        copy = folder / f"{path.stem}_{'wide' if index % 2 == 0 else 'tall'}.png"
+        rgb.crop(box).save(copy)
+        out.append(copy)
+    return out
 
 
 def main() -> int:
@@ -54,19 +81,40 @@ def main() -> int:
     parser.add_argument("--model", default=str(REPO / "results/reference_ham10000/student_fp16.tflite"))
     parser.add_argument("--data", default=str(REPO.parent / "shared/data/ham10000"))
     parser.add_argument("--n", type=int, default=20)
+    parser.add_argument("--refer", type=int, default=0, help="also the n images nearest the threshold")
+    parser.add_argument("--non-square", type=int, default=0, help="also n non-square copies (written to --work)")
+    parser.add_argument("--work", help="folder for the non-square copies")
+    parser.add_argument("--grid", action="store_true", help="also the decision for a grid of logits")
     parser.add_argument("--out", required=True, help="JSON file to write (stdout carries runtime logs)")
     args = parser.parse_args()
     sidecar = verify_model_file(args.model)
     model = TFLiteModel(args.model)
     paths = pick_images(Path(args.data), args.n)
+    kinds = ["picked"] * len(paths)
+    if args.refer:
+        near = near_threshold(Path(args.data), model, sidecar, set(paths), args.refer)
+        paths, kinds = paths + near, kinds + ["near_threshold"] * len(near)
+    if args.non_square:
+        wide = non_square_copies(paths[:args.non_square], Path(args.work))
+        paths, kinds = paths + wide, kinds + ["non_square"] * len(wide)
     size = int(model.input_shape[1])
-    logits = model.predict(browser_decoded(paths, size))[:, 0]
+    with tempfile.TemporaryDirectory() as tmp:
+        # What the app must compute: the training pipeline's pixels of the square the app crops.
+        logits = model.predict(load_images([str(p) for p in centre_squares(paths, Path(tmp))], size))[:, 0]
     tf_logits = model.predict(load_images([str(p) for p in paths], size))[:, 0]
-    rows = [{"path": str(p), "logit": float(z), "probability": shown_probability(float(z), sidecar),
+    rows = [{"path": str(p), "kind": k, "logit": float(z), "probability": shown_probability(float(z), sidecar),
              "decision": decision(float(z), sidecar), "logit_tf_decode": float(t),
              "probability_tf_decode": shown_probability(float(t), sidecar)}
-            for p, z, t in zip(paths, np.asarray(logits), np.asarray(tf_logits))]
-    Path(args.out).write_text(json.dumps(rows, indent=1))
+            for p, k, z, t in zip(paths, kinds, np.asarray(logits), np.asarray(tf_logits))]
+    payload = {"images": rows, "sidecar": sidecar}
+    if args.grid:  # the rule itself, on logits around the threshold and the band's edges
+        z0, margin = float(sidecar["threshold_logit"]), float(sidecar.get("refer_margin_logit") or 0.0)
+        t = float(sidecar.get("temperature") or 1.0)
+        grid = sorted({*np.linspace(z0 - 4, z0 + 4, 401).tolist(), z0, z0 + margin * t, z0 - margin * t,
+                       np.nextafter(z0 + margin * t, -np.inf), np.nextafter(z0 - margin * t, np.inf)})
+        payload["grid"] = [{"logit": z, "decision": decision(z, sidecar), "probability": shown_probability(z, sidecar)}
+                           for z in grid]
+    Path(args.out).write_text(json.dumps(payload, indent=1))
     return 0
 
 

@@ -81,9 +81,14 @@ export function runPython(args) {
   return result.stdout;
 }
 
-/** Expected app outputs for n shared HAM10000 images, from the Python LiteRT interpreter. */
-export function expectedOutputs(n) {
-  const out = join(mkdtempSync(join(tmpdir(), 'app-expected-')), 'expected.json');
-  runPython(['app/tests/expected_outputs.py', '--n', String(n), '--data', SHARED_HAM, '--out', out]);
+/**
+ * Expected app outputs from the Python LiteRT interpreter: n shared HAM10000 images, the `refer` images nearest
+ * the threshold, `nonSquare` landscape / portrait copies, and the decision rule on a grid of logits.
+ */
+export function expectedOutputs(n, {refer = 0, nonSquare = 0} = {}) {
+  const work = mkdtempSync(join(tmpdir(), 'app-expected-'));
+  const out = join(work, 'expected.json');
+  runPython(['app/tests/expected_outputs.py', '--n', String(n), '--refer', String(refer), '--non-square',
+    String(nonSquare), '--work', work, '--grid', '--data', SHARED_HAM, '--out', out]);
   return JSON.parse(readFileSync(out, 'utf8'));
 }

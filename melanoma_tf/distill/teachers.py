@@ -16,7 +16,7 @@ from melanoma_tf.backend import keras, tf
 from melanoma_tf.callbacks import predict_logits
 from melanoma_tf.config import Config, ConfigError
 from melanoma_tf.data import PreparedData
-from melanoma_tf.pipeline import make_dataset
+from melanoma_tf.pipeline import DECODING, make_dataset
 
 log = logging.getLogger("melanoma_tf.train")
 
@@ -127,14 +127,16 @@ def cache_teacher_logits(teacher, data: PreparedData, cfg: Config, folder: Path,
     path = folder / "teacher_logits.npz"
     if path.is_file():
         saved = np.load(path, allow_pickle=False)
-        if list(saved["image_id"]) == train["image_id"].tolist():
+        # Logits of pixels decoded another way (an older release) are computed again.
+        if (list(saved["image_id"]) == train["image_id"].tolist() and "decoding" in saved.files
+                and str(saved["decoding"]) == DECODING):
             return saved["logits"]
     start = time.time()
     logits = _logits(teacher, train, cfg, image_size or cfg.data.image_size, tta)
     log.info("cached teacher logits for %d training images at %d px%s in %.1fs", len(train),
              image_size or cfg.data.image_size, " (4-flip TTA)" if tta else "", time.time() - start)
     tmp = folder / ".teacher_logits.tmp.npz"
-    np.savez(tmp, image_id=np.array(train["image_id"].tolist()), logits=logits)
+    np.savez(tmp, image_id=np.array(train["image_id"].tolist()), logits=logits, decoding=np.array(DECODING))
     tmp.replace(path)
     return logits
 
