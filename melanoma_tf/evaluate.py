@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--latency-runs", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1, help="TensorFlow threads (latency is batch 1)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--on-corrupt", choices=("error", "skip"),
+                        help="an --images file that does not decode: stop naming it, or leave it out and count it "
+                             "(default: the run's data.on_corrupt, else error)")
     parser.add_argument("--no-external", action="store_true",
                         help="do not also score the run's external test sets (data.external)")
     return parser
@@ -74,7 +77,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             return "report: " + str(evaluate(run_dir, args.model, args.split, args.images, args.labels, args.out,
                                              args.target_sensitivity, args.refer_fraction, args.bootstrap,
                                              args.gradcam, args.latency_runs, args.seed,
-                                             external=not args.no_external))
+                                             external=not args.no_external, on_corrupt=args.on_corrupt))
 
         for run_dir in run_dirs[:-1]:
             print(report(run_dir), flush=True)

@@ -43,11 +43,15 @@ class EvaluationError(MelanomaTfError, ValueError):
 # --------------------------------------------------------------------------- inputs
 
 
-def external_frame(images_dir: str | Path, labels_csv: str | Path, label_mode: str = "binary") -> pd.DataFrame:
+def external_frame(images_dir: str | Path, labels_csv: str | Path, label_mode: str = "binary",
+                   on_corrupt: str = "error") -> pd.DataFrame:
     """An external test set: a folder of images and a CSV ``image_id,label`` (0/1 for binary).
 
     Optional columns (lesion_id, sex, age, localization, dataset) are kept for the
-    bootstrap and the subgroup audit; without lesion_id each image is its own lesion.
+    bootstrap and the subgroup audit; without lesion_id (or with a blank one) each image
+    is its own lesion. Every file is decoded once before scoring, with the training
+    decoder: one that does not decode is an error naming it (``on_corrupt="error"``) or
+    is left out (``"skip"``), its id in ``frame.attrs["skipped_unreadable"]``.
     """
     labels_csv = Path(labels_csv)
     if not labels_csv.is_file():
@@ -73,7 +77,20 @@ def external_frame(images_dir: str | Path, labels_csv: str | Path, label_mode: s
     table["path"] = [str(files[i]) for i in table["image_id"]]
     if "lesion_id" not in table.columns:
         table["lesion_id"] = table["image_id"]
-    return table.reset_index(drop=True)
+    bad = datamod.cached_unreadable_images(table["path"].tolist())
+    skipped = sorted(table["image_id"].iloc[bad])
+    if bad:
+        message = (f"{len(bad)} image file(s) listed in {labels_csv} cannot be decoded (first: "
+                   f"{table['path'].iloc[bad[0]]})")
+        if on_corrupt == "error":
+            raise EvaluationError(message + "; --on-corrupt skip (data.on_corrupt: skip) scores the rest")
+        log.warning("%s; skipping them", message)
+        table = table.drop(index=table.index[bad])
+        if table.empty:
+            raise EvaluationError(f"{labels_csv}: no image left to score once unreadable files are skipped")
+    table = table.reset_index(drop=True)
+    table.attrs["skipped_unreadable"] = skipped
+    return table
 
 
 @dataclass
@@ -164,6 +181,7 @@ def binary_report(val_y, val_z, test_y, test_z, test_groups, *, target_sensitivi
            "target_sensitivity": target_sensitivity}
     out["roc_auc"] = M.roc_auc(test_y, p)
     out["pr_auc"] = M.pr_auc(test_y, p)
+    out["bootstrap_grouping"] = M.bootstrap_groups(test_groups)[1]
     out["roc_auc_ci"] = list(M.bootstrap_ci(test_y, p, test_groups, M.roc_auc, n_boot, seed))
     out["pr_auc_ci"] = list(M.bootstrap_ci(test_y, p, test_groups, M.pr_auc, n_boot, seed))
     rates = M.rates_at(test_y, p, threshold)
@@ -190,15 +208,18 @@ def evaluate(run_dir: Optional[str] = None, model_path: Optional[str] = None, sp
              images: Optional[str] = None, labels: Optional[str] = None, out: Optional[str] = None,
              target_sensitivity: float = 0.95, refer_fraction: float = 0.1, n_boot: int = 1000,
              gradcam: int = 4, latency_runs: int = 50, seed: int = 0, relation: bool = True,
-             external: bool = True, melanoma_labels: bool = False) -> Path:
+             external: bool = True, melanoma_labels: bool = False, on_corrupt: Optional[str] = None) -> Path:
     """Scores a model and writes predictions, metrics, plots and report.md; returns report.md's path.
 
     ``relation``: for a Keras model, also the feature-relation analysis (Rd and
     the relation matrix plot). ``external``: when scoring a run's split (the holdout,
     or validation in a sweep), also score the run's external test sets (``data.external``) with the same
     validation-chosen threshold, each in ``<out>/external/<name>/``, and put them
-    beside the holdout in the report. ``melanoma_labels``: the ``--labels`` CSV says
-    melanoma (1) or not (0) even for a multiclass model (external sets are labelled so).
+    beside the holdout in the report; a set that fails is reported as failed, with the
+    reason, and never costs the run its holdout report. ``melanoma_labels``: the
+    ``--labels`` CSV says melanoma (1) or not (0) even for a multiclass model (external
+    sets are labelled so). ``on_corrupt``: ``error`` or ``skip`` for ``--images`` files
+    that do not decode (default: the run's ``data.on_corrupt``, else ``error``).
     """
     stage_dir, cfg, sidecar, model_file = _resolve_inputs(run_dir, model_path, images, labels)
     label_mode = cfg.data.labels if cfg else sidecar.get("labels", "binary")
@@ -209,7 +230,9 @@ def evaluate(run_dir: Optional[str] = None, model_path: Optional[str] = None, sp
     out_dir.mkdir(parents=True, exist_ok=True)
 
     test_mode = "binary" if melanoma_labels else label_mode
-    test = external_frame(images, labels, test_mode) if images else split_frame(cfg, stage_dir, split)
+    on_corrupt = on_corrupt or (cfg.data.on_corrupt if cfg is not None else "error")
+    test = (external_frame(images, labels, test_mode, on_corrupt) if images
+            else split_frame(cfg, stage_dir, split))
     test_images = load_images(test["path"].tolist(), model.input_size)  # decoded once, used twice
     test_logits = model.logits(test_images)
     val = val_logits = None
@@ -223,6 +246,8 @@ def evaluate(run_dir: Optional[str] = None, model_path: Optional[str] = None, sp
     result = binary_report(val_y, val_z, test_y, test_z, test["lesion_id"].to_numpy(),
                            target_sensitivity=target_sensitivity, refer_fraction=refer_fraction,
                            n_boot=n_boot, seed=seed, **fixed)
+    skipped = test.attrs.get("skipped_unreadable", [])
+    result.update({"n_skipped_unreadable": len(skipped), "skipped_unreadable": skipped[:20]})
     result["threshold_source"] = ("sidecar" if fixed else
                                   "validation (same data as reported: optimistic)" if tag == "val"
                                   else "validation")
@@ -247,7 +272,8 @@ def evaluate(run_dir: Optional[str] = None, model_path: Optional[str] = None, sp
     if external and cfg is not None and images is None:  # beside the holdout, or the validation split of a sweep
         result["external"] = {ext.name: _score_external_set(
             ext, out_dir / "external" / ext.name, run_dir=run_dir, model_path=model_path,
-            target_sensitivity=target_sensitivity, refer_fraction=refer_fraction, n_boot=n_boot, seed=seed)
+            target_sensitivity=target_sensitivity, refer_fraction=refer_fraction, n_boot=n_boot, seed=seed,
+            on_corrupt=cfg.data.on_corrupt)
             for ext in cfg.data.external}
     if cfg is not None:
         cfgmod.save(cfg, out_dir / "config.yaml")  # the run's resolved config, beside what it produced
@@ -344,7 +370,7 @@ def _explanations(keras_model, test: pd.DataFrame, test_images: np.ndarray, test
 
 # What the holdout report and the comparisons carry of each external evaluation.
 EXTERNAL_KEYS = ("roc_auc", "roc_auc_ci", "pr_auc", "pr_auc_ci", "sensitivity", "specificity", "ppv", "npv", "f1",
-                 "ece", "ece_calibrated", "ece_platt", "n_images", "n_melanoma")
+                 "ece", "ece_calibrated", "ece_platt", "n_images", "n_melanoma", "n_skipped_unreadable")
 
 
 def _score_external_set(ext, out_dir: Path, **kwargs) -> dict:
@@ -357,8 +383,14 @@ def _score_external_set(ext, out_dir: Path, **kwargs) -> dict:
         log.info("external set %s skipped: %s not found", ext.name, ", ".join(missing))
         return {"skipped": f"not found: {', '.join(Path(m).name for m in missing)}"}
     log.info("scoring external set %s (%s)", ext.name, images)
-    evaluate(images=str(images), labels=str(labels), out=str(out_dir), gradcam=0, latency_runs=5,
-             relation=False, external=False, melanoma_labels=True, **kwargs)
+    try:
+        evaluate(images=str(images), labels=str(labels), out=str(out_dir), gradcam=0, latency_runs=5,
+                 relation=False, external=False, melanoma_labels=True, **kwargs)
+    except MelanomaTfError as err:  # the holdout report is written all the same, with the reason
+        if ext.required:
+            raise
+        log.error("external set %s not scored: %s", ext.name, err)
+        return {"failed": str(err)}
     metrics = json.loads((out_dir / "metrics.json").read_text())
     return {"folder": f"external/{ext.name}", **{k: metrics.get(k) for k in EXTERNAL_KEYS}}
 

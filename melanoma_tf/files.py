@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -28,8 +29,26 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
 
 
 def write_json(path: str | os.PathLike, payload: Any) -> None:
-    """Writes JSON (sorted keys, 2-space indent), atomically."""
-    write_atomic(path, json.dumps(payload, indent=2, sort_keys=True, default=_json_default) + "\n")
+    """Writes JSON (sorted keys, 2-space indent), atomically; NaN and infinities are written as ``null``.
+
+    A metric that is undefined (ROC-AUC of a subgroup with one class) is NaN in Python, but NaN is not
+    JSON: ``JSON.parse`` and ``jq`` refuse a file holding it.
+    """
+    text = json.dumps(_finite(payload), indent=2, sort_keys=True, default=_json_default, allow_nan=False)
+    write_atomic(path, text + "\n")
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every non-finite float (NumPy's too) replaced by None, containers walked."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):  # NumPy scalars and arrays
+        return _finite(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def _json_default(value: Any) -> Any:

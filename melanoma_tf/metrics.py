@@ -148,15 +148,42 @@ def threshold_for_sensitivity(y_true, scores, target: float = 0.95) -> float:
 # --------------------------------------------------------------------------- uncertainty of a metric
 
 
+def _blank(value) -> bool:
+    return value is None or (isinstance(value, float) and np.isnan(value)) or str(value).strip() in ("", "nan")
+
+
+def bootstrap_groups(groups) -> tuple[np.ndarray, dict]:
+    """The bootstrap's resampling unit per image, and a summary of it for the report.
+
+    Images with the same lesion id are resampled together; an image whose lesion id is blank or
+    missing (a clinic without lesion ids) is its own group, never pooled with the other blanks
+    (which would make one giant "lesion" and collapse the interval).
+
+    Returns:
+      ``(group index per image, {"unit": "lesions" | "images" | "lesions and images", "n_groups": N,
+      "n_without_lesion_id": M})``.
+    """
+    raw = np.asarray(groups, dtype=object).reshape(-1)
+    blank = np.array([_blank(v) for v in raw], dtype=bool)
+    keys = np.array([f"\0image{i}" if b else f"lesion:{v}" for i, (v, b) in enumerate(zip(raw, blank))], dtype=object)
+    _, index = np.unique(keys.astype(str), return_inverse=True)
+    n_groups = int(index.max() + 1) if len(index) else 0
+    unit = "images" if blank.all() else "lesions and images" if blank.any() else "lesions"
+    if unit == "lesions" and n_groups == len(raw):
+        unit = "images"  # every image its own lesion: resampling lesions is resampling images
+    return index, {"unit": unit, "n_groups": n_groups, "n_without_lesion_id": int(blank.sum())}
+
+
 def bootstrap_ci(y_true, scores, groups, metric, n_boot: int = 1000, seed: int = 0,
                  level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap CI of ``metric(y, scores)``, resampling lesions (groups) with replacement.
 
-    Resamples where one class is absent are drawn again (they are not counted).
+    Groups come from :func:`bootstrap_groups` (a blank lesion id is its own group). Resamples
+    where one class is absent are drawn again (they are not counted).
     """
     y = np.asarray(y_true).reshape(-1)
     s = np.asarray(scores, dtype=np.float64).reshape(-1)
-    _, group_index = np.unique(np.asarray(groups).reshape(-1), return_inverse=True)
+    group_index, _ = bootstrap_groups(groups)
     members = [np.flatnonzero(group_index == g) for g in range(group_index.max() + 1)]
     rng = np.random.default_rng(seed)
     values = []

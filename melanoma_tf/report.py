@@ -60,12 +60,20 @@ EXTERNAL_COLUMNS = [("roc_auc", "ROC-AUC [95% CI]"), ("pr_auc", "PR-AUC [95% CI]
                     ("n_images", "images"), ("n_melanoma", "melanomas")]
 
 
+def not_scored(entry: dict) -> str:
+    """Why an external set has no scores ('skipped: ...', 'failed: ...'), or '' when it has them."""
+    for reason in ("skipped", "failed"):
+        if reason in entry:
+            return f"{reason}: {entry[reason]}"
+    return ""
+
+
 def external_table(sets: dict) -> str:
     """One row per data set (holdout first, then each external set) of one model."""
     rows = []
     for name, m in sets.items():
-        if "skipped" in m:
-            rows.append([name, f"skipped: {m['skipped']}"] + [""] * (len(EXTERNAL_COLUMNS) - 1))
+        if not_scored(m):
+            rows.append([name, not_scored(m)] + [""] * (len(EXTERNAL_COLUMNS) - 1))
             continue
         rows.append([name] + [with_ci(m, k) if k in ("roc_auc", "pr_auc") else
                               fmt(m.get(k), "{}" if k.startswith("n_") else "{:.3f}") for k, _ in EXTERNAL_COLUMNS])
@@ -76,6 +84,18 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def resampling_unit(metrics: dict) -> str:
+    """What the bootstrap resampled, as the report says it: 'resampling 312 lesions', 'resampling 199 images'."""
+    grouping = metrics.get("bootstrap_grouping")
+    if not grouping:
+        return "resampling lesions"
+    n, unit = grouping["n_groups"], grouping["unit"]
+    if unit == "lesions and images":
+        return (f"resampling {n} lesions and images: {grouping['n_without_lesion_id']} images without a lesion id "
+                "are each their own")
+    return f"resampling {n} {unit}"
 
 
 def write_report(out_dir: Path, metrics: dict, figures: dict, gallery: list[dict]) -> Path:
@@ -89,13 +109,17 @@ def write_report(out_dir: Path, metrics: dict, figures: dict, gallery: list[dict
              + (f" (validation sensitivity there {fmt(metrics.get('val_sensitivity'))})."
                 if metrics.get("val_sensitivity") is not None else "."), "",
              table([h for _, h, _ in SUMMARY_COLUMNS], [summary_row(metrics)]), "",
-             "ROC-AUC and PR-AUC with 95% bootstrap intervals (resampling lesions). Sensitivity, specificity, PPV, "
+             f"ROC-AUC and PR-AUC with 95% bootstrap intervals ({resampling_unit(metrics)}). Sensitivity, "
+             "specificity, PPV, "
              "NPV and F1 are at the fixed threshold; ECE uses 10 equal-mass bins, before and after temperature "
              f"scaling fitted on validation (T = {fmt(metrics.get('temperature'), '{:.2f}')}); Brier "
              f"{fmt(metrics.get('brier'))} -> {fmt(metrics.get('brier_calibrated'))}; ECE after Platt scaling "
              f"(which also corrects the base rate shifted by class-weighted training) {fmt(metrics.get('ece_platt'))}. "
              f"Latency: batch 1, one thread, "
              f"median of {metrics.get('latency_runs')} runs on this machine ({metrics.get('runtime')}).", "",
+             *([f"{metrics['n_skipped_unreadable']} listed image(s) could not be decoded and were left out "
+                f"(first: {', '.join(metrics.get('skipped_unreadable', [])[:3])}).", ""]
+               if metrics.get("n_skipped_unreadable") else []),
              "## Referral band", "",
              f"Images whose calibrated logit lies within {fmt(metrics.get('refer_margin_logit'), '{:.2f}')} of the "
              f"threshold are referred to a dermatologist: {fmt(100 * metrics.get('refer_fraction', float('nan')), '{:.1f}')}% "
@@ -181,7 +205,7 @@ def compare(paths: list[str], out: Optional[str] = None, split: str = "holdout")
         if y.max() > 1:  # multiclass: melanoma vs rest
             y = (y == 4).astype(int)
         curves[name] = (y, predictions["probability"].to_numpy())
-        external = {k: v for k, v in (metrics.get("external") or {}).items() if "skipped" not in v}
+        external = {k: v for k, v in (metrics.get("external") or {}).items() if not not_scored(v)}
         rows.append({"model": name, "folder": str(folder), **{k: metrics.get(k) for k, _, _ in SUMMARY_COLUMNS},
                      "roc_auc_ci": metrics.get("roc_auc_ci"), "pr_auc_ci": metrics.get("pr_auc_ci"),
                      "n_images": metrics.get("n_images"),

@@ -213,3 +213,110 @@ def test_baselines_and_compare(tiny_run, synthetic_root, tmp_path, capsys):
     for png in ("roc.png", "auc_vs_size.png", "auc_vs_latency.png"):
         assert (tmp_path / "cmp" / png).is_file()
     assert report.main(["compare", str(tmp_path / "nothing")]) == 2
+
+
+def _external_copy(tiny_run, synthetic_root, folder: Path) -> pd.DataFrame:
+    """The tiny run's holdout images copied into ``folder``; returns their rows of splits.csv."""
+    holdout = pd.read_csv(tiny_run / "splits.csv").query("split == 'holdout'")
+    folder.mkdir()
+    for image_id in holdout["image_id"]:
+        shutil.copy(synthetic_root / "images" / f"{image_id}.jpg", folder / f"{image_id}.jpg")
+    return holdout
+
+
+def test_blank_lesion_ids_resample_images_and_the_report_says_so(tiny_run, synthetic_root, tmp_path):
+    """A clinic without lesion ids: the column is there but blank. Every blank id was one 'lesion' (the whole
+    set), so each resample was the set itself and the interval collapsed to the point estimate."""
+    holdout = _external_copy(tiny_run, synthetic_root, tmp_path / "images")
+    labels = tmp_path / "labels.csv"
+    holdout[["image_id", "label"]].assign(lesion_id="").to_csv(labels, index=False)
+    assert E.main(["--run", str(tiny_run), "--images", str(tmp_path / "images"), "--labels", str(labels),
+                   "--bootstrap", "100", "--gradcam", "0", "--out", str(tmp_path / "ext")]) == 0
+    ext = json.loads((tmp_path / "ext" / "metrics.json").read_text())
+    low, high = ext["roc_auc_ci"]
+    assert high - low > 0.01, ext["roc_auc_ci"]
+    assert ext["bootstrap_grouping"] == {"unit": "images", "n_groups": len(holdout),
+                                         "n_without_lesion_id": len(holdout)}
+    assert f"resampling {len(holdout)} images" in (tmp_path / "ext" / "report.md").read_text()
+    # Real lesion ids: resampled as lesions, and the report says how many.
+    holdout[["image_id", "label", "lesion_id"]].to_csv(labels, index=False)
+    assert E.main(["--run", str(tiny_run), "--images", str(tmp_path / "images"), "--labels", str(labels),
+                   "--bootstrap", "20", "--gradcam", "0", "--out", str(tmp_path / "lesions")]) == 0
+    grouping = json.loads((tmp_path / "lesions" / "metrics.json").read_text())["bootstrap_grouping"]
+    n_lesions = holdout["lesion_id"].nunique()
+    assert n_lesions < len(holdout) and grouping == {"unit": "lesions", "n_groups": n_lesions,
+                                                     "n_without_lesion_id": 0}
+
+
+def test_an_unreadable_image_is_named_or_skipped_and_counted(tiny_run, synthetic_root, tmp_path, capsys):
+    holdout = _external_copy(tiny_run, synthetic_root, tmp_path / "images")
+    (tmp_path / "images" / "ISIC_8000001.jpg").write_bytes(b"")  # a 0-byte file
+    good = (tmp_path / "images" / f"{holdout['image_id'].iloc[0]}.jpg").read_bytes()
+    (tmp_path / "images" / "ISIC_8000002.jpg").write_bytes(good[:len(good) // 3])  # a copy cut short
+    labels = tmp_path / "labels.csv"
+    rows = holdout[["image_id", "label"]]
+    pd.concat([rows, pd.DataFrame({"image_id": ["ISIC_8000001", "ISIC_8000002"], "label": [1, 0]})]).to_csv(
+        labels, index=False)
+    args = ["--run", str(tiny_run), "--images", str(tmp_path / "images"), "--labels", str(labels), "--bootstrap",
+            "20", "--gradcam", "0", "--out", str(tmp_path / "ext")]
+    assert E.main(args + ["--on-corrupt", "error"]) == 2
+    err = capsys.readouterr().err
+    assert "2 image file(s)" in err and "ISIC_8000001.jpg" in err and "Traceback" not in err
+    assert not (tmp_path / "ext" / "metrics.json").exists()
+    assert E.main(args + ["--on-corrupt", "skip"]) == 0
+    ext = json.loads((tmp_path / "ext" / "metrics.json").read_text())
+    assert ext["n_images"] == len(holdout) and ext["n_skipped_unreadable"] == 2
+    assert ext["skipped_unreadable"] == ["ISIC_8000001", "ISIC_8000002"]
+    assert "2 listed image(s) could not be decoded" in (tmp_path / "ext" / "report.md").read_text()
+
+
+def test_a_failing_external_set_never_costs_the_run_its_holdout_report(tiny_run, synthetic_root, tmp_path):
+    import dataclasses
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    holdout = _external_copy(tiny_run, synthetic_root, tmp_path / "images")
+    (tmp_path / "images" / "ISIC_8000001.jpg").write_bytes(b"")
+    labels = tmp_path / "labels.csv"
+    pd.concat([holdout[["image_id", "label"]], pd.DataFrame({"image_id": ["ISIC_8000001"], "label": [1]})]).to_csv(
+        labels, index=False)
+    cfg = C.load(run / "config.yaml")
+    broken = C.ExternalSet(name="clinic_b", images=str(tmp_path / "images"), labels=str(labels))
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, external=(broken,), on_corrupt="error"))
+    C.save(cfg, run / "config.yaml")
+    report = evaluation.evaluate(str(run), n_boot=20, gradcam=0, latency_runs=1)
+    metrics = json.loads((report.parent / "metrics.json").read_text())
+    assert metrics["n_images"] > 0 and "roc_auc" in metrics
+    assert "ISIC_8000001.jpg" in metrics["external"]["clinic_b"]["failed"]
+    assert "failed: " in report.read_text()
+    # data.on_corrupt: skip scores the rest of the set, and counts what it left out.
+    C.save(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, on_corrupt="skip")), run / "config.yaml")
+    metrics = json.loads((evaluation.evaluate(str(run), n_boot=20, gradcam=0, latency_runs=1).parent
+                          / "metrics.json").read_text())
+    assert metrics["external"]["clinic_b"]["n_skipped_unreadable"] == 1
+    assert metrics["external"]["clinic_b"]["n_images"] == len(holdout)
+
+
+def _refuse_nan(name):
+    raise ValueError(f"{name} is not JSON")
+
+
+def test_json_holds_no_nan_for_undefined_metrics(tmp_path):
+    """A subgroup with one class has no ROC-AUC: written as null, which JSON.parse and jq read (NaN they refuse)."""
+    from melanoma_tf.files import write_json
+
+    audit = M.subgroup_audit(pd.DataFrame({"sex": ["male"] * 4 + ["female"] * 4, "label": [0, 0, 0, 0, 0, 1, 0, 1],
+                                           "prob": [0.1, 0.2, 0.3, 0.4, 0.2, 0.9, 0.1, 0.8]}), 0.5)
+    payload = {"subgroups": audit, "values": np.array([1.0, np.nan, np.inf]), "n": np.int64(3),
+               "nested": [{"x": float("nan")}]}
+    write_json(tmp_path / "m.json", payload)
+    loaded = json.loads((tmp_path / "m.json").read_text(), parse_constant=_refuse_nan)
+    assert loaded["values"] == [1.0, None, None] and loaded["n"] == 3 and loaded["nested"] == [{"x": None}]
+    male = next(row for row in loaded["subgroups"] if row["group"] == "male")
+    assert male["n_melanoma"] == 0 and male["roc_auc"] is None and male["sensitivity"] is None
+
+
+@pytest.mark.parametrize("name", ["student_int8_eval.json", "student_fp16_eval.json", "metrics.json"])
+def test_committed_results_are_strict_json(name):
+    path = REPO / "results" / "reference_ham10000" / name
+    json.loads(path.read_text(), parse_constant=_refuse_nan)

@@ -115,11 +115,39 @@ def test_bootstrap_reproducible_and_resamples_whole_lesions():
     assert a == b and a != c
     assert a[0] <= M.roc_auc(y, s) <= a[1]
 
+    # Lesions of 1, 2 and 3 images, each image of a lesion with that lesion's own score: in a resample every
+    # score must appear a multiple of its lesion's size (a per-image bootstrap breaks that at once).
+    sizes = np.resize([1, 2, 3], 60)
+    lesion = np.repeat(np.arange(60), sizes)
+    unique_score = rng.permutation(60) / 60 + 0.001
+    yl = np.repeat(rng.integers(0, 2, 60), sizes)
+    sl = unique_score[lesion]
+    seen = []
+
     def whole_lesions_only(yy, ss):
-        assert len(yy) % 2 == 0  # a lesion never contributes one image alone
+        values, counts = np.unique(ss, return_counts=True)
+        index = np.searchsorted(np.sort(unique_score), values)
+        size_of = sizes[np.argsort(unique_score)][index]
+        assert np.all(counts % size_of == 0), "a lesion was split"
+        seen.append(len(yy))
         return M.roc_auc(yy, ss)
 
-    M.bootstrap_ci(y, s, groups, whole_lesions_only, n_boot=50, seed=1)
+    M.bootstrap_ci(yl, sl, lesion, whole_lesions_only, n_boot=50, seed=1)
+    assert len(seen) == 50 and len(set(seen)) > 1  # resample sizes vary: lesions of different sizes were drawn
+
+
+def test_bootstrap_blank_lesion_ids_are_single_images_not_one_lesion():
+    """Blank ids (NaN, None, '') never pool into one giant lesion; real ids still group."""
+    groups = np.array(["L1", "L1", np.nan, None, "", "  ", "L2"], dtype=object)
+    index, summary = M.bootstrap_groups(groups)
+    assert index[0] == index[1] and len(set(index[2:6])) == 4 and index[6] not in index[:6]
+    assert summary == {"unit": "lesions and images", "n_groups": 6, "n_without_lesion_id": 4}
+    assert M.bootstrap_groups(np.full(5, np.nan))[1] == {"unit": "images", "n_groups": 5, "n_without_lesion_id": 5}
+    rng = np.random.default_rng(2)
+    y = np.tile([0, 1], 50)
+    s = rng.random(100) + 0.5 * y
+    low, high = M.bootstrap_ci(y, s, np.full(100, np.nan), M.roc_auc, n_boot=200, seed=0)
+    assert high - low > 0.05  # pooled into one lesion, every resample was the whole set: low == high
 
 
 def test_refer_band():
