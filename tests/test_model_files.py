@@ -43,10 +43,12 @@ def test_sidecar_that_does_not_match_its_model(int8_model, tmp_path):
     blob = bytearray(int8_model.read_bytes())
     sidecar = json.loads(int8_model.with_suffix(".json").read_text())
     target = tmp_path / "m.tflite"
-    # What an interrupted copy leaves, with the right sidecar beside it: caught by the size.
-    target.write_bytes(bytes(blob[:-16]))
+    # 16 bytes more (what a copy tool's padding leaves): the flatbuffer stays valid, only the size check sees it.
+    target.write_bytes(bytes(blob) + bytes(16))
     target.with_suffix(".json").write_text(json.dumps(sidecar))
-    with pytest.raises(FlatbufferError, match=r"bytes, its sidecar m.json says|corrupt or cut-short"):
+    verify_flatbuffer(target)  # structurally fine
+    with pytest.raises(FlatbufferError, match=rf"m.tflite: {len(blob) + 16:,} bytes, its sidecar m.json says "
+                                              rf"{len(blob):,}"):
         verify_model_file(target)
     # One weight byte changed: well-formed, runs, but not the model the sidecar describes.
     from ai_edge_litert import schema_py_generated as schema
@@ -99,12 +101,14 @@ def test_fuzz_damaged_flatbuffers_never_crash(int8_model, tmp_path, with_sidecar
     result = subprocess.run(argv + (["--sidecar"] if with_sidecar else []), capture_output=True, text=True,
                             timeout=600, cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
-    counts = result.stdout.split()
-    errors, ok = int(counts[1]), int(counts[3])
-    assert errors + ok == 40 + 80
-    assert errors >= 40  # every cut is an error (the last offset still drops a byte)
+    words = result.stdout.split()
+    counts = dict(zip(words[::2], map(int, words[1::2])))
+    # Every cut is refused by the project's own error naming the file (the last offset still drops a byte).
+    assert counts["cut_refused"] == 40 and counts["cut_ok"] == 0 and counts["cut_other"] == 0, result.stderr
+    # A flip runs or is refused the same way: never another exception.
+    assert counts["flip_refused"] + counts["flip_ok"] == 80 and counts["flip_other"] == 0, result.stderr
     if with_sidecar:
-        assert ok == 0  # its sidecar's size and sha256 catch every damaged copy
+        assert counts["flip_ok"] == 0  # its sidecar's size and sha256 catch every damaged copy
 
 
 def test_a_keras_file_that_is_not_a_model_is_named(tmp_path, capsys):
