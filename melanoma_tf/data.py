@@ -299,7 +299,7 @@ def _grouped_folds(labels: np.ndarray, groups: np.ndarray, n_splits: int, seed: 
 
 def lesion_grouped_split(frame: pd.DataFrame, seed: int, holdout_fraction: float = 0.2,
                          val_fraction: float = 0.2, folds: int = 0, fold: int = 0,
-                         holdout_source: Optional[str] = None) -> pd.Series:
+                         holdout_source: Optional[str] = None, source_column: str = "dataset") -> pd.Series:
     """Splits images into train / val / holdout, stratified by label and grouped by lesion.
 
     The holdout is drawn first and depends only on the seed, so it never moves
@@ -307,9 +307,9 @@ def lesion_grouped_split(frame: pd.DataFrame, seed: int, holdout_fraction: float
     stratified-grouped folds and fold ``fold`` is the validation split; otherwise
     ``val_fraction`` of the rest is the validation split.
 
-    With ``holdout_source`` the holdout is instead every image whose ``dataset``
-    column equals it (leave-one-clinic-out): no image of that source, and no
-    lesion photographed in it, is trained or validated on.
+    With ``holdout_source`` the holdout is instead every image whose ``source_column``
+    (HAM10000: ``dataset``) equals it (leave-one-clinic-out): no image of that source,
+    and no lesion photographed in it, is trained or validated on.
 
     Args:
       frame: rows with ``image_id``, ``lesion_id``, ``label`` (and ``dataset`` for ``holdout_source``).
@@ -325,7 +325,7 @@ def lesion_grouped_split(frame: pd.DataFrame, seed: int, holdout_fraction: float
     holdout_folds = max(1, round(holdout_fraction * resolution))
     split = np.full(len(order), "train", dtype=object)
     if holdout_source is not None:
-        sources = _holdout_source_values(frame, holdout_source)[order]
+        sources = _holdout_source_values(frame, holdout_source, source_column)[order]
         held_lesions = set(groups[sources == holdout_source])
         split[np.isin(groups, list(held_lesions))] = "holdout"
     else:
@@ -343,15 +343,15 @@ def lesion_grouped_split(frame: pd.DataFrame, seed: int, holdout_fraction: float
     return pd.Series(result, index=frame.index, name="split")
 
 
-def _holdout_source_values(frame: pd.DataFrame, source: str) -> np.ndarray:
-    """The ``dataset`` column, after checking that ``source`` is one of its values and leaves data to train on."""
-    if "dataset" not in frame.columns:
-        raise DataError(f"data.holdout_source: {source!r} needs a 'dataset' column in the metadata, which has "
-                        f"only {sorted(frame.columns)}")
-    values = frame["dataset"].astype(str).to_numpy()
+def _holdout_source_values(frame: pd.DataFrame, source: str, column: str = "dataset") -> np.ndarray:
+    """The source column, after checking that ``source`` is one of its values and leaves data to train on."""
+    if column not in frame.columns:
+        raise DataError(f"data.holdout_source: {source!r} needs a {column!r} column (data.source_column) in the "
+                        f"metadata, which has only {sorted(frame.columns)}")
+    values = frame[column].astype(str).to_numpy()
     present = sorted(set(values))
     if source not in present:
-        raise DataError(f"data.holdout_source: no image has dataset {source!r}; the sources present are {present}")
+        raise DataError(f"data.holdout_source: no image has {column} {source!r}; the sources present are {present}")
     if len(present) < 2:
         raise DataError(f"data.holdout_source: {source!r} is the only source: nothing would be left to train on")
     return values

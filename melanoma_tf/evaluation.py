@@ -262,7 +262,8 @@ def evaluate(run_dir: Optional[str] = None, model_path: Optional[str] = None, sp
                    # which file these numbers are of: export_app refuses to show them beside another model
                    "model_sha256": hashlib.sha256(Path(model_file).read_bytes()).hexdigest()})
 
-    predictions, figures = write_scored_split(out_dir, test, test_z, test_y, result)
+    predictions, figures = write_scored_split(out_dir, test, test_z, test_y, result,
+                                              cfg.data.source_column if cfg is not None else "dataset")
     gallery = []
     if model.keras_model is not None:
         names = list(datamod.DX_CLASSES) if label_mode == "multiclass" else ["not melanoma", "melanoma"]
@@ -286,15 +287,17 @@ def evaluate(run_dir: Optional[str] = None, model_path: Optional[str] = None, sp
 
 
 def write_scored_split(out_dir: Path, test: pd.DataFrame, test_z: np.ndarray, test_y: np.ndarray,
-                       result: dict) -> tuple[pd.DataFrame, dict]:
+                       result: dict, source_column: str = "dataset") -> tuple[pd.DataFrame, dict]:
     """What every scored model writes beside its metrics: ``predictions.csv`` (probability, calibrated
-    probability, call, referral), the subgroup audit (into ``result``) and the figures; returns both."""
+    probability, call, referral), the subgroup audit (into ``result``; per clinic by ``source_column`` too)
+    and the figures; returns both."""
     predictions = _predictions(test, test_z, result)
     write_atomic(out_dir / "predictions.csv", predictions.to_csv(index=False))
     audit_frame = test.assign(prob=M.sigmoid(test_z), label=test_y)
     if "age" in audit_frame.columns:
         audit_frame["age_band"] = audit_frame["age"].map(M.age_band)
-    result["subgroups"] = M.subgroup_audit(audit_frame, result["threshold"])
+    columns = ("sex", "age_band", "localization", *dict.fromkeys(("dataset", source_column)))
+    result["subgroups"] = M.subgroup_audit(audit_frame, result["threshold"], columns=columns)
     return predictions, _figures(out_dir, test_y, predictions, result)
 
 

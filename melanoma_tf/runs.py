@@ -54,7 +54,7 @@ def prepare_data(cfg: Config) -> PreparedData:
                                        d.on_missing, d.on_corrupt)
     frame = lesions.frame
     frame["split"] = datamod.lesion_grouped_split(frame, cfg.data_seed, d.holdout_fraction, d.val_fraction,
-                                                  d.folds, d.fold, d.holdout_source)
+                                                  d.folds, d.fold, d.holdout_source, d.source_column)
     for split in ("train", "val") + (("holdout",) if d.holdout_source else ()):
         labels = frame.loc[frame["split"] == split, "label"]
         if labels.nunique() < 2:

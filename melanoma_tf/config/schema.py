@@ -89,9 +89,12 @@ class DataConfig:
     image_size: int = 128
     split_seed: Optional[int] = None  # seed of the lesion-grouped split; null: the run's seed
     holdout_fraction: float = 0.2
-    # leave-one-clinic-out: every image of this metadata `dataset` (e.g. rosendahl, vidir_modern) is the
-    # holdout, and no image of it is trained or validated on; null: a random lesion-grouped holdout
+    # leave-one-clinic-out: every image whose `source_column` is this value (e.g. rosendahl, vidir_modern) is
+    # the holdout, and no image of it is trained or validated on; null: a random lesion-grouped holdout
     holdout_source: Optional[str] = None
+    # the metadata column naming each image's clinic or device (HAM10000: dataset); the subgroup audit and
+    # the multi-clinic yardstick (python -m melanoma_tf.yardstick) use it too
+    source_column: str = "dataset"
     val_fraction: float = 0.2
     folds: int = 0  # K>1: stratified-grouped K-fold on the non-holdout part
     fold: int = 0
