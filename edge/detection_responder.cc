@@ -5,11 +5,11 @@
 #include "tensorflow/lite/micro/micro_log.h"
 
 Decision Decide(int8_t melanoma_score) {
-  const int distance = static_cast<int>(melanoma_score) - kThresholdQ;
-  if (distance > -kReferMarginQ && distance < kReferMarginQ) {
+  const int score = static_cast<int>(melanoma_score);
+  if (score >= kReferLowQ && score <= kReferHighQ) {
     return Decision::kRefer;
   }
-  return distance >= 0 ? Decision::kMelanoma : Decision::kNotMelanoma;
+  return score >= kThresholdQ ? Decision::kMelanoma : Decision::kNotMelanoma;
 }
 
 void RespondToDetection(int8_t melanoma_score) {

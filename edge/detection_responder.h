@@ -6,7 +6,7 @@
 
 #include "model_settings.h"
 
-// Scores within kReferMarginQ of the validation-chosen threshold kThresholdQ are referred.
+// Scores in [kReferLowQ, kReferHighQ] are referred; otherwise melanoma from kThresholdQ up (model_data.h).
 Decision Decide(int8_t melanoma_score);
 
 // Reports the decision (MicroPrintf here; a board port lights an LED or shows a screen).

@@ -66,6 +66,28 @@ def parse_c_array(text: str, name: str) -> bytes:
     return bytes(int(h, 16) if h else int(d) & 0xFF for h, d in values)
 
 
+def decision_bounds(sidecar: dict) -> tuple[int, int, int]:
+    """``(kThresholdQ, kReferLowQ, kReferHighQ)``: the int8 scores at which the board's decision changes.
+
+    Found by applying the decision rule every other runtime uses (``melanoma_tf.export_app.decision``) to
+    each of the 256 int8 scores, so the board decides exactly as ``evaluate``, the app and the Pi tool do
+    (rounding the logit thresholds to the integer scale instead moved a band edge by one step).
+    """
+    from melanoma_tf.export_app import decision
+
+    scale, zero = float(sidecar["output_scale"]), int(sidecar["output_zero_point"])
+    scores = np.arange(-128, 128)
+    decided = np.array([decision((int(q) - zero) * scale, sidecar) for q in scores])
+    melanoma, refer = scores[decided == "melanoma"], scores[decided == "refer"]
+    threshold_q = int(melanoma.min()) if len(melanoma) else 128
+    low, high = (int(refer.min()), int(refer.max())) if len(refer) else (1, 0)
+    rebuilt = np.where((scores >= low) & (scores <= high), "refer",
+                       np.where(scores >= threshold_q, "melanoma", "not_melanoma"))
+    if not (rebuilt == decided).all():  # cannot happen for a threshold and a symmetric band; refuse if it does
+        raise SystemExit("error: the sidecar's decision rule is not three contiguous ranges of int8 scores")
+    return threshold_q, low, high
+
+
 def generate(model_path: Path, out_dir: Path, image: Path | None = None) -> list[Path]:
     if not model_path.is_file():
         raise SystemExit(f"error: model file not found: {model_path}")
@@ -97,9 +119,7 @@ def generate(model_path: Path, out_dir: Path, image: Path | None = None) -> list
     calibration = sidecar.get("calibration") or {}
     cal_a, cal_b = ((float(calibration["a"]), float(calibration["b"])) if calibration.get("method") == "platt"
                     else (1.0 / temperature, 0.0))
-    # The responder compares raw int8 scores: map logit thresholds to the output's integer scale.
-    threshold_q = int(math.ceil(threshold_logit / out_scale + out_zero))
-    margin_q = int(round(margin * temperature / out_scale))
+    threshold_q, refer_low_q, refer_high_q = decision_bounds(sidecar)
     arena = int(sidecar.get("tflm_arena_bytes") or 0)
     arena_with_headroom = int(math.ceil(max(arena, 1024) * 1.1 / 1024) * 1024)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -123,8 +143,10 @@ constexpr int kOutputZeroPoint = {out_zero};
 // Validation-chosen operating point ({sidecar.get('target_sensitivity', 0.95)} sensitivity):
 // melanoma when logit >= {threshold_logit:.6f}, i.e. int8 score >= kThresholdQ.
 constexpr int kThresholdQ = {threshold_q};
-// Referral band: |score - kThresholdQ| < kReferMarginQ -> refer to a dermatologist.
-constexpr int kReferMarginQ = {margin_q};
+// Referral band (logit within {margin * temperature:.6f} of the threshold): kReferLowQ <= score <= kReferHighQ
+// -> refer to a dermatologist (low > high: no int8 score falls in the band).
+constexpr int kReferLowQ = {refer_low_q};
+constexpr int kReferHighQ = {refer_high_q};
 // Calibrated probability of melanoma = 1 / (1 + exp(-(kCalibrationA * logit + kCalibrationB))),
 // fitted on validation ({calibration.get('method', 'temperature')}), as in the sidecar.
 constexpr float kCalibrationA = {c_float(cal_a)};
