@@ -9,7 +9,7 @@ holdout with the same metrics. With ``--run`` the run's own ``splits.csv`` is
 used, so the baselines and a trained model see identical splits. Baselines
 always solve melanoma vs rest. Output: ``<output.dir>/baselines-<time>/<model>/eval_holdout/``
 (``metrics.json``, ``predictions.csv``, ``report.md``, plots), readable by
-``melanoma_tf.report compare``; last line ``run: <folder>``.
+``python -m melanoma_tf.compare``; last line ``run: <folder>``.
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
-"""The Markdown report of one evaluation, and a comparison of several.
+"""The Markdown report of one evaluation, and a comparison of several (a library; the command is
+``python -m melanoma_tf.compare``).
 
-    python -m melanoma_tf.report compare RUN_OR_EVAL_DIR... [--out DIR] [--split holdout]
-
-``compare`` reads each evaluation's ``metrics.json`` and ``predictions.csv``
+:func:`compare` reads each evaluation's ``metrics.json`` and ``predictions.csv``
 (given an evaluation folder, or a run folder holding ``eval_<split>*``
 folders) and writes ``compare.md``, ``compare.csv``, one ROC plot and
 ROC-AUC against size and against latency.
@@ -10,10 +9,8 @@ ROC-AUC against size and against latency.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -250,25 +247,3 @@ def compare(paths: list[str], out: Optional[str] = None, split: str = "holdout")
     path = out_dir / "compare.md"
     write_atomic(path, "\n".join(lines))
     return path
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m melanoma_tf.report")
-    sub = parser.add_subparsers(dest="command", required=True)
-    cmp_parser = sub.add_parser("compare", help="one table and one ROC plot for several evaluated runs")
-    cmp_parser.add_argument("paths", nargs="+", help="run folders or evaluation folders")
-    cmp_parser.add_argument("--out", help="output folder (default runs/compare)")
-    cmp_parser.add_argument("--split", default="holdout", help="which evaluations to pick from run folders")
-    args = parser.parse_args(argv)
-    try:
-        path = compare(args.paths, args.out, args.split)
-    except FileNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(open(path).read())
-    print(f"report: {path}", flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

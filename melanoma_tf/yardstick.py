@@ -44,6 +44,8 @@ from melanoma_tf import metrics as M
 from melanoma_tf.cli import run_main
 from melanoma_tf.errors import MelanomaTfError, TrialError
 from melanoma_tf.files import write_atomic, write_json
+from melanoma_tf.runs import dataset_root
+from melanoma_tf.sweep_ray import run_with_ray
 
 log = logging.getLogger("melanoma_tf.yardstick")
 RANDOM = "random"  # the split name of the random lesion-grouped holdout
@@ -77,8 +79,6 @@ class Plan:
 
 def melanomas_per_source(cfg: cfgmod.Config) -> dict[str, int]:
     """Melanomas per value of ``data.source_column`` among the listed images that are present."""
-    from melanoma_tf.runs import dataset_root
-
     root = dataset_root(cfg)
     path = Path(cfg.data.metadata) if Path(cfg.data.metadata).is_absolute() else root / cfg.data.metadata
     metadata = datamod.read_metadata(path)
@@ -192,8 +192,6 @@ def run_plan(plan: Plan, root: Path, workers: int = 1, backend: str = "local",
     log.info("yardstick: %d split(s) x %d seed(s) = %d runs (%s backend)", len(plan.splits), len(plan.seeds),
              len(jobs), backend)
     if backend == "ray":
-        from melanoma_tf.sweep_ray import run_with_ray
-
         run_with_ray(_RaySettings(root.name, workers, ray or {}), [({"split": s}, k) for s, k in jobs], root,
                      lambda trial, seed: [{"metrics": str(run_job(plan, root, trial["split"], seed, cwd))}])
     else:

@@ -1,4 +1,4 @@
-"""evaluate / report compare / baselines end to end on a tiny trained run."""
+"""evaluate / compare / baselines end to end on a tiny trained run."""
 
 import json
 import shutil
@@ -193,7 +193,7 @@ def test_evaluate_bad_inputs(tiny_run, tmp_path, capsys):
 @pytest.mark.slow
 def test_baselines_and_compare(tiny_run, synthetic_root, tmp_path, capsys):
     from melanoma_tf import baselines as B
-    from melanoma_tf import report
+    from melanoma_tf import compare as compare_cmd
 
     cfg = C.load(REPO / "configs" / "student_mobilenetv3.yaml", tiny_overrides(synthetic_root, tmp_path))
     out = B.run_baselines(cfg, str(tiny_run), ("logreg", "hgb", "rf"), n_boot=50)
@@ -206,13 +206,13 @@ def test_baselines_and_compare(tiny_run, synthetic_root, tmp_path, capsys):
     assert features.shape == (3, 249) and np.isfinite(features).all()
     assert E.main(["--run", str(tiny_run), "--bootstrap", "50", "--gradcam", "0"]) == 0
     capsys.readouterr()
-    assert report.main(["compare", str(tiny_run), str(out), "--out", str(tmp_path / "cmp")]) == 0
+    assert compare_cmd.main([str(tiny_run), str(out), "--out", str(tmp_path / "cmp")]) == 0
     table = pd.read_csv(tmp_path / "cmp" / "compare.csv")
     assert set(table["model"]) >= {"baseline_logreg", "baseline_hgb", "baseline_rf"}
     assert len(table) == 4
     for png in ("roc.png", "auc_vs_size.png", "auc_vs_latency.png"):
         assert (tmp_path / "cmp" / png).is_file()
-    assert report.main(["compare", str(tmp_path / "nothing")]) == 2
+    assert compare_cmd.main([str(tmp_path / "nothing")]) == 2
 
 
 def _external_copy(tiny_run, synthetic_root, folder: Path) -> pd.DataFrame:

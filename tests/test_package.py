@@ -16,7 +16,8 @@ PACKAGE = REPO / "melanoma_tf"
 # Every module of the package by dotted name (a subpackage's __init__ by the package's name).
 MODULES = sorted(".".join(("melanoma_tf",) + p.relative_to(PACKAGE).with_suffix("").parts).removesuffix(".__init__")
                  for p in PACKAGE.rglob("*.py"))
-COMMANDS = ("train", "evaluate", "quantize", "baselines", "sweep", "export_app")
+# A command is a module that runs as ``python -m melanoma_tf.<name>`` (it has a ``__main__`` block).
+COMMANDS = tuple(sorted(p.stem for p in PACKAGE.glob("*.py") if 'if __name__ == "__main__"' in p.read_text()))
 
 
 def _path(module: str):
@@ -63,7 +64,9 @@ def test_no_import_cycles():
 
 
 def test_no_command_is_imported_by_the_package():
-    """Commands are thin ends: nothing in the package uses one as a library."""
+    """Commands are thin ends: nothing in the package uses one as a library (report is a library, compare its
+    command)."""
+    assert {"train", "evaluate", "compare", "yardstick", "sweep"} <= set(COMMANDS) and "report" not in COMMANDS
     users = {m: sorted(_imports(m) & {f"melanoma_tf.{c}" for c in COMMANDS}) for m in MODULES}
     assert {m: used for m, used in users.items() if used} == {}
 
@@ -122,7 +125,7 @@ def test_run_main_prints_the_last_line_or_one_error_line(capsys):
 
 def test_commands_share_one_main():
     """No command writes its own logging set-up or error printing: they all end in run_main."""
-    for name in ("train", "evaluate", "quantize", "baselines", "sweep", "export_app"):
+    for name in COMMANDS:
         source = (PACKAGE / f"{name}.py").read_text()
         main = source[source.index("def main("):]
         assert "run_main(" in main and "logging.basicConfig" not in source and 'print(f"error' not in main, name
