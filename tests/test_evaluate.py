@@ -320,3 +320,35 @@ def test_json_holds_no_nan_for_undefined_metrics(tmp_path):
 def test_committed_results_are_strict_json(name):
     path = REPO / "results" / "reference_ham10000" / name
     json.loads(path.read_text(), parse_constant=_refuse_nan)
+
+
+def test_a_tflite_scored_from_its_sidecar_applies_the_stored_calibration_per_image(tiny_run, synthetic_root,
+                                                                                   tmp_path):
+    """No run, only the .tflite and its sidecar: every row of predictions.csv uses the stored threshold, temperature,
+    referral band and Platt calibration (a fit here on the scored images would give other numbers)."""
+    from melanoma_tf.tflite import TFLiteModel
+
+    holdout = _external_copy(tiny_run, synthetic_root, tmp_path / "images")
+    labels = tmp_path / "labels.csv"
+    holdout[["image_id", "label"]].to_csv(labels, index=False)
+    model = convert(tiny_run / "model.keras", tmp_path / "student.tflite")
+    sidecar = {"threshold": 0.4, "threshold_logit": float(M.logit(0.4)), "temperature": 1.7,
+               "refer_margin_logit": 0.3, "calibration": {"method": "platt", "a": 0.6, "b": -0.4},
+               "input_size": 32, "labels": "binary"}
+    (tmp_path / "student.json").write_text(json.dumps(sidecar))
+    assert E.main(["--model", str(model), "--images", str(tmp_path / "images"), "--labels", str(labels),
+                   "--bootstrap", "20", "--out", str(tmp_path / "scored")]) == 0
+    rows = pd.read_csv(tmp_path / "scored" / "predictions.csv").set_index("image_id")
+    paths = [str(tmp_path / "images" / f"{i}.jpg") for i in rows.index]
+    z = TFLiteModel(model).predict(load_images(paths, 32)).reshape(-1)
+    np.testing.assert_allclose(rows["logit"], z, rtol=0, atol=1e-5)  # the model's own logits, image by image
+    z = rows["logit"].to_numpy()
+    np.testing.assert_allclose(rows["calibrated_probability"], M.sigmoid(0.6 * z - 0.4), rtol=0, atol=1e-12)
+    margin = np.abs(z / 1.7 - M.logit(0.4) / 1.7)
+    np.testing.assert_allclose(rows["uncertainty_margin"], margin, rtol=0, atol=1e-12)
+    assert (rows["refer"] == (margin < 0.3)).all() and (rows["called_melanoma"] == (M.sigmoid(z) >= 0.4)).all()
+    metrics = json.loads((tmp_path / "scored" / "metrics.json").read_text())
+    assert metrics["platt"] == [0.6, -0.4] and metrics["threshold"] == 0.4 and metrics["temperature"] == 1.7
+    y = rows["label"].to_numpy()
+    assert metrics["ece_platt"] == pytest.approx(M.ece(y, M.sigmoid(0.6 * z - 0.4)), abs=1e-9)
+    assert metrics["threshold_source"] == "sidecar"

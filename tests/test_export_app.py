@@ -5,6 +5,7 @@ import json
 import shutil
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from conftest import REPO, tiny_int8_flatbuffer
@@ -113,17 +114,22 @@ def test_export_refuses_what_it_cannot_vouch_for(tmp_path, capsys):
 
 
 def test_decision_and_probability_follow_evaluate():
-    """The app's rule is evaluate's: called at sigmoid(z) >= threshold, refer within the margin / T."""
+    """The app's rule is evaluate's own: its predictions.csv rows (call, referral, calibrated probability), computed
+    by evaluation._predictions for the same sidecar, on a grid of logits through the threshold and the band."""
+    from melanoma_tf import evaluation
+
     sidecar = {"threshold": 0.3, "threshold_logit": float(M.logit(0.3)), "temperature": 1.5,
                "refer_margin_logit": 0.4, "calibration": {"method": "platt", "a": 0.8, "b": -0.5}}
     z = np.linspace(-4, 4, 801)
-    called = M.sigmoid(z) >= sidecar["threshold"]
-    refer = np.abs(z / 1.5 - M.logit(0.3) / 1.5) < 0.4
-    expected = np.where(refer, "refer", np.where(called, "melanoma", "not_melanoma"))
+    result = {"threshold": sidecar["threshold"], "temperature": 1.5, "refer_margin_logit": 0.4, "platt": [0.8, -0.5]}
+    frame = pd.DataFrame({"image_id": [f"i{k}" for k in range(len(z))], "lesion_id": "", "label": 0})
+    rows = evaluation._predictions(frame, z, result)
+    expected = np.where(rows["refer"], "refer", np.where(rows["called_melanoma"], "melanoma", "not_melanoma"))
     got = np.array([EA.decision(float(v), sidecar) for v in z])
-    assert (got == expected).mean() > 0.995  # float32 threshold_logit: at most the grid points at the edge
+    assert (got == expected).all(), {float(v): (g, e) for v, g, e in zip(z, got, expected) if g != e}
     assert {"refer", "melanoma", "not_melanoma"} == set(got)
-    assert EA.shown_probability(1.0, sidecar) == pytest.approx(M.sigmoid(0.8 * 1.0 - 0.5))
+    shown = np.array([EA.shown_probability(float(v), sidecar) for v in z])
+    np.testing.assert_allclose(shown, rows["calibrated_probability"], rtol=0, atol=1e-12)
     assert EA.shown_probability(1.0, {"temperature": 2.0}) == pytest.approx(M.sigmoid(0.5))
 
 

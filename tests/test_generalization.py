@@ -151,16 +151,3 @@ def test_shift_augmentation_layers():
     assert names == ["RandomCropAndResize", "RandomColourCast", "RandomVignette", "RandomGaussianBlur"]
     out = augmenter(np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype(np.float32), training=True)
     assert out.shape == (4, 32, 32, 3)
-
-
-def test_sidecar_calibration_is_applied_to_a_tflite_model(tmp_path):
-    """A .tflite scored with only its sidecar uses the stored Platt calibration, not one fitted here."""
-    rng = np.random.default_rng(0)
-    y = (rng.random(300) < 0.3).astype(int)
-    z = rng.normal(size=300) + 2 * y
-    fitted = E.binary_report(y, z, y, z, np.arange(300), n_boot=10)
-    stored = E.binary_report(None, None, y, z, np.arange(300), n_boot=10, threshold=0.5, temperature=1.0,
-                             refer_margin=0.0, platt=(0.5, -1.0))
-    assert stored["platt"] == [0.5, -1.0]
-    assert stored["ece_platt"] == pytest.approx(M.ece(y, M.sigmoid(0.5 * z - 1.0)))
-    assert fitted["ece_platt"] < stored["ece_platt"]  # the fitted one is better here, so the stored one was used
