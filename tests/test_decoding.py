@@ -119,3 +119,15 @@ def test_evaluate_and_the_pi_tool_give_the_same_logits(model, tolerance, tmp_pat
     assert sorted(tool) == sorted(evaluated.index)
     gaps = np.array([abs(tool[i] - evaluated[i]) for i in tool])
     assert gaps.max() <= tolerance, f"largest logit gap {gaps.max():.2e}"
+
+
+def test_the_pi_tool_computes_the_packages_metrics():
+    """The tool runs without the package, so it carries its own ROC-AUC and ECE: they must be the package's."""
+    from melanoma_tf import metrics as M
+
+    rng = np.random.default_rng(4)
+    y = (rng.random(500) < 0.25).astype(int)
+    p = M.sigmoid(rng.normal(size=500) + 1.5 * y)
+    p[:40] = 0.5  # ties
+    assert benchmark_tflite.expected_calibration_error(y, p) == pytest.approx(M.ece(y, p), abs=1e-12)
+    assert benchmark_tflite.roc_auc(y, p) == pytest.approx(M.roc_auc(y, p), abs=1e-12)

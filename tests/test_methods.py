@@ -11,6 +11,7 @@ to run at this size go in ``SETTINGS``.
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -86,7 +87,8 @@ def method_state(trainer) -> list[np.ndarray]:
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_every_method_trains_checkpoints_exports_and_quantizes(name, synthetic_root, teacher_file, tmp_path):
+def test_every_method_trains_checkpoints_exports_and_quantizes(name, synthetic_root, teacher_file, tmp_path,
+                                                               caplog):
     cfg = method_config(name, synthetic_root, tmp_path / "runs", teacher_file)
     stage = cfg.stages[-1]
     data = runs.prepare_data(cfg)
@@ -125,11 +127,16 @@ def test_every_method_trains_checkpoints_exports_and_quantizes(name, synthetic_r
     # A killed run resumes from epoch 1 and finishes the second epoch only. (Resuming a student stage is
     # tested by killing a real run in test_train, a relational one in test_relational_train.)
     if name == "kd":
+        first_epoch = dict(state["history"][0])
         state.update(epoch=1, checkpoint="epoch-1", history=state["history"][:1])
         state.pop("stopped_phase", None)
         (folder / "state.json").write_text(json.dumps(state))
         (folder / "metrics.json").unlink()
-        assert T.train_stage(stage, cfg, data, folder, [teacher_file], resume=True)["epochs_run"] == 2
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="melanoma_tf.train"):
+            assert T.train_stage(stage, cfg, data, folder, [teacher_file], resume=True)["epochs_run"] == 2
+        assert "resuming" in caplog.text and "from epoch 1" in caplog.text
+        assert cb.load_state(folder)["history"][0] == first_epoch  # epoch 1 restored, not trained again
 
     # QAT continues with the method's teacher, and distils from that teacher's logits.
     plan = Q.qat_plan(cfg, folder)

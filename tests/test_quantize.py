@@ -295,8 +295,18 @@ def test_benchmark_tool(trained_run, ptq_folder, tmp_path):
     cut.with_suffix(".json").write_text((ptq_folder / "int8.json").read_text())
     refused = subprocess.run([sys.executable, str(tool), str(cut), "--runs", "2"], capture_output=True, text=True)
     assert refused.returncode == 1 and "cut.tflite" in refused.stderr and "partial or damaged copy" in refused.stderr
-    # The sidecar's calibration is applied: its calibrated ECE is reported.
-    assert 0 <= rows[0]["ece_calibrated"] <= 1 and rows[0]["calibration"].startswith("sigmoid(")
+    # The sidecar's calibration is applied, and said exactly; its calibrated ECE equals the package's on the same
+    # probabilities (evaluate's predictions of the same model and images).
+    sidecar = json.loads((ptq_folder / "int8.json").read_text())
+    a, b = ((sidecar["calibration"]["a"], sidecar["calibration"]["b"])
+            if (sidecar.get("calibration") or {}).get("method") == "platt" else (1 / sidecar["temperature"], 0.0))
+    assert rows[0]["calibration"] == f"sigmoid({a:.4g} * logit + {b:.4g})"
+    from melanoma_tf import metrics as M
+
+    predictions = pd.read_csv(ptq_folder / "eval_int8" / "predictions.csv").set_index("image_id").loc[
+        holdout["image_id"]]
+    assert rows[0]["ece_calibrated"] == pytest.approx(
+        M.ece(predictions["label"].to_numpy(), M.sigmoid(a * predictions["logit"].to_numpy() + b)), abs=1e-6)
 
 
 def test_int8_hard_swish_as_mul_keeps_the_graph_in_one_xnnpack_partition(tmp_path):

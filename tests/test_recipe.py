@@ -135,6 +135,42 @@ def test_a_run_with_weight_averaging_exports_and_resumes_the_average(synthetic_r
     assert json.loads((run_dir / "metrics.json").read_text())["val_roc_auc"] is not None
 
 
+def test_a_killed_run_resumes_its_weight_average_where_it_was(synthetic_root, tmp_path, monkeypatch):
+    """Train 2 epochs, roll back to epoch 1 as after a kill, resume: the resumed epoch's first averaging step
+    starts from the epoch-1 average and its step count, not from the student's weights (a fresh average)."""
+    overrides = tiny_overrides(synthetic_root, tmp_path, **{"train.epochs": 2, "train.ema_decay": 0.9,
+                                                            "train.steps_per_epoch": 3, "train.lr_schedule": "constant"})
+    cfg = C.load(REPO / "configs" / "student_mobilenetv3.yaml", overrides)
+    run_dir = T.run(cfg)
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["epoch"] == 2 and len(list((run_dir / "checkpoints").glob("epoch-1.index"))) == 1
+    # The epoch-1 average, as its checkpoint holds it.
+    saved = cb.WeightAverage(models.build_student(cfg.student, 32), 0.9)
+    tf.train.Checkpoint(model=models.build_student(cfg.student, 32), extras=saved.trackable()).restore(
+        str(run_dir / "checkpoints" / "epoch-1")).expect_partial()
+    assert int(saved.steps.numpy()) == 3
+    state.update(epoch=1, checkpoint="epoch-1", history=state["history"][:1])
+    state.pop("stopped_phase", None)
+    (run_dir / "state.json").write_text(json.dumps(state))
+    (run_dir / "metrics.json").unlink()
+
+    seen = []
+    original = cb.WeightAverage.on_train_batch_end
+
+    def spy(self, batch, logs=None):
+        if not seen:  # the first step after the resume, before it is averaged in
+            seen.append((int(self.steps.numpy()), self.average.get_weights()))
+        return original(self, batch, logs)
+
+    monkeypatch.setattr(cb.WeightAverage, "on_train_batch_end", spy)
+    T.run(cfg, run_dir=run_dir)
+    steps, weights = seen[0]
+    assert steps == 3  # the count went on from the checkpoint (a fresh average starts at 0)
+    assert all(np.array_equal(a, b) for a, b in zip(weights, saved.average.get_weights()))
+    final = json.loads((run_dir / "state.json").read_text())
+    assert final["epoch"] == 2 and len(final["history"]) == 2
+
+
 def test_recipe_ablation_table_keeps_the_rows_it_did_not_rerun(tmp_path, monkeypatch, capsys):
     sys.path.insert(0, str(REPO / "tools"))
     import recipe_ablation as RA

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pandas as pd
@@ -93,7 +94,7 @@ def test_two_views_and_indices(synthetic_root):
 
 
 @pytest.mark.slow
-def test_relational_run_resume_and_relation_analysis(synthetic_root, tmp_path):
+def test_relational_run_resume_and_relation_analysis(synthetic_root, tmp_path, caplog):
     overrides = tiny_overrides(synthetic_root, tmp_path, **RELATIONAL, **{"relational.sp_weight": 1.0})
     cfg = C.load(REPO / "configs" / "student_mobilenetv3.yaml", overrides)
     run_dir = T.run(cfg)
@@ -117,8 +118,15 @@ def test_relational_run_resume_and_relation_analysis(synthetic_root, tmp_path):
     state.pop("stopped_phase", None)
     (run_dir / "state.json").write_text(json.dumps(state))
     (run_dir / "metrics.json").unlink()
-    T.run(cfg, run_dir=run_dir)
-    assert len(pd.read_csv(run_dir / "history.csv")) == 2
+    first_epoch = history.iloc[0].copy()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="melanoma_tf.train"):
+        T.run(cfg, run_dir=run_dir)
+    assert "from epoch 1" in caplog.text and "resuming" in caplog.text  # not trained again from scratch
+    resumed = pd.read_csv(run_dir / "history.csv")
+    assert len(resumed) == 2
+    # Epoch 1 was restored, not retrained: its row is the one written before the kill, to the last digit.
+    pd.testing.assert_series_equal(resumed.iloc[0], first_epoch, check_names=False)
 
     # QAT of a mean-teacher run distils from the run's own EMA teacher, which training saves beside the
     # student (it used to look for <run>/../teacher/model.keras, which such a run never writes)

@@ -8,7 +8,7 @@ Needs only numpy and one TFLite runtime: ``ai_edge_litert`` (pip install ai-edge
 else ``tflite_runtime``, else ``tensorflow.lite``. It never imports melanoma_tf.
 With ``--images`` it also scores ROC-AUC, sensitivity and specificity, using the
 threshold from the model's sidecar JSON (``MODEL.json`` beside ``MODEL.tflite``);
-images are decoded and resized exactly as melanoma_tf trains (Pillow with libjpeg's accurate
+images are decoded and resized exactly as the package trains (Pillow with libjpeg's accurate
 DCT, TensorFlow's antialiased bilinear resize re-implemented below, rounded to whole grey levels).
 """
 
@@ -135,7 +135,7 @@ def _resample_axis(image: np.ndarray, size: int, axis: int) -> np.ndarray:
 
 
 def resize_like_training(pixels: np.ndarray, size: int) -> np.ndarray:
-    """uint8 ``H x W x 3`` to ``size x size x 3`` uint8, as melanoma_tf's training pipeline resizes (rows first)."""
+    """uint8 ``H x W x 3`` to ``size x size x 3`` uint8, as the training pipeline resizes (rows first)."""
     image = _resample_axis(pixels.astype(np.float32), size, 0)
     image = _resample_axis(image, size, 1)
     return np.clip(np.round(image), 0, 255).astype(np.uint8)
@@ -144,7 +144,7 @@ def resize_like_training(pixels: np.ndarray, size: int) -> np.ndarray:
 def load_image(path: Path, size: int) -> np.ndarray:
     """One image file as the model input: float32 RGB in [0, 255], ``size x size``.
 
-    The same pixels as melanoma_tf's training and evaluation: Pillow decodes JPEGs with
+    The same pixels as training and evaluation: Pillow decodes JPEGs with
     libjpeg's accurate integer DCT (TensorFlow is told to do the same), then the resize above.
     Raises ``ValueError`` naming the file when it does not decode.
     """
