@@ -1,17 +1,25 @@
 // The app in a real browser (Debian's Chromium, headless): parity with Python, offline, privacy,
 // bad input, a damaged model, and the screenshots README shows.
 import assert from 'node:assert/strict';
+import {createHash} from 'node:crypto';
 import {mkdirSync, mkdtempSync, readFileSync, writeFileSync} from 'node:fs';
 import {tmpdir} from 'node:os';
 import {join} from 'node:path';
 import {after, before, test} from 'node:test';
 import {chromium} from 'playwright-core';
 import {
-  APP, chromiumPath, classify, expectedOutputs, launch, NO_HAM, PHONE, pythonCommand, startServer, waitReady,
+  APP, chromiumPath, classify, expectedOutputs, launch, NO_HAM, PHONE, pythonCommand, REPO, startServer, waitReady,
 } from './helpers.mjs';
 
-// A test run leaves the tracked screenshots alone; UPDATE_SCREENSHOTS=1 npm test rewrites the ones README shows.
-const SCREENSHOTS = process.env.UPDATE_SCREENSHOTS ? join(APP, 'screenshots') : join(APP, 'test-results', 'screenshots');
+// A test run leaves the tracked screenshots alone; UPDATE_SCREENSHOTS=1 npm test rewrites the ones the docs show,
+// with taken_with.json naming the model and app.json they show (a test below fails when those change).
+const TRACKED_SCREENSHOTS = join(REPO, 'docs', 'screenshots');
+const SCREENSHOTS = process.env.UPDATE_SCREENSHOTS ? TRACKED_SCREENSHOTS : join(APP, 'test-results', 'screenshots');
+const sha256 = (path) => createHash('sha256').update(readFileSync(path)).digest('hex');
+const shipped = () => ({
+  model_sha256: sha256(join(APP, 'public', 'model', 'model.tflite')),
+  app_json_sha256: sha256(join(APP, 'public', 'model', 'app.json')),
+});
 let server;
 let browser;
 let expectedCache;
@@ -67,6 +75,10 @@ test('shows what Python shows for 20 HAM10000 images, asks for nothing off the d
       + `min ${times[0].toFixed(1)} ms over ${times.length} images; largest probability difference to Python `
       + `${worst.toExponential(2)}`);
 
+  if (process.env.UPDATE_SCREENSHOTS) {
+    writeFileSync(join(SCREENSHOTS, 'taken_with.json'), JSON.stringify(shipped(), null, 2) + '\n');
+  }
+
   // Privacy: every request went to the app's own origin, and none sent data.
   const origin = new URL(server.url).origin;
   const foreign = requests.filter((r) => !r.url.startsWith(origin) && !/^(data|blob):/.test(r.url));
@@ -95,6 +107,12 @@ test('decide() and shownProbability() follow the Python rule on every logit of a
     assert.equal(decide(g.logit, sidecar), g.decision, `logit ${g.logit}`);
     assert.ok(Math.abs(shownProbability(g.logit, sidecar) - g.probability) < 1e-12, `logit ${g.logit}`);
   }
+});
+
+test('the screenshots the docs show were taken of the model and numbers the app ships', () => {
+  const taken = JSON.parse(readFileSync(join(TRACKED_SCREENSHOTS, 'taken_with.json'), 'utf8'));
+  assert.deepEqual(taken, shipped(),
+      'docs/screenshots show another model or app.json: rerun UPDATE_SCREENSHOTS=1 npm test and commit them');
 });
 
 test('works offline after the first visit', {skip: NO_HAM}, async () => {
