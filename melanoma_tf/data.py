@@ -79,6 +79,35 @@ class LesionData:
         }
 
 
+def read_csv_table(csv_path: str | os.PathLike, **kwargs) -> pd.DataFrame:
+    """A user's CSV as a DataFrame, whatever spreadsheet wrote it; a file that is not a table is a DataError.
+
+    UTF-8 (with or without a byte-order mark) and UTF-16 with a byte-order mark (Excel's "Unicode text") are
+    decoded; anything else as Latin-1, which never fails (image ids are ASCII). The separator is the one of
+    comma, semicolon and tab that the header line uses most (a semicolon is Excel's in many locales).
+    """
+    csv_path = Path(csv_path)
+    raw = csv_path.read_bytes()
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        encoding = "utf-16"
+    else:
+        try:
+            raw.decode("utf-8-sig")
+            encoding = "utf-8-sig"
+        except UnicodeDecodeError:
+            encoding = "latin-1"
+    try:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError as err:
+        raise DataError(f"{csv_path}: not readable as {encoding} text: {err}") from None
+    header = text.split("\n", 1)[0]
+    separator = max([",", ";", "\t"], key=header.count)
+    try:
+        return pd.read_csv(io.StringIO(text), sep=separator, **kwargs)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as err:
+        raise DataError(f"{csv_path}: cannot parse as CSV: {err}") from None
+
+
 def read_metadata(csv_path: str | os.PathLike) -> pd.DataFrame:
     """Reads and checks a HAM10000-style metadata CSV.
 
@@ -95,10 +124,7 @@ def read_metadata(csv_path: str | os.PathLike) -> pd.DataFrame:
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise DataError(f"metadata file not found: {csv_path}")
-    try:
-        frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as err:
-        raise DataError(f"{csv_path}: cannot parse as CSV: {err}") from None
+    frame = read_csv_table(csv_path, dtype=str, keep_default_na=False)
     frame.columns = [c.strip() for c in frame.columns]
     missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
     if missing:

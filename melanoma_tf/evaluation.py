@@ -56,7 +56,11 @@ def external_frame(images_dir: str | Path, labels_csv: str | Path, label_mode: s
     labels_csv = Path(labels_csv)
     if not labels_csv.is_file():
         raise EvaluationError(f"--labels {labels_csv}: file not found")
-    table = pd.read_csv(labels_csv, dtype={"image_id": str})
+    try:
+        table = datamod.read_csv_table(labels_csv, dtype={"image_id": str})
+    except datamod.DataError as err:
+        raise EvaluationError(str(err)) from None
+    table.columns = [str(c).strip() for c in table.columns]
     for column in ("image_id", "label"):
         if column not in table.columns:
             raise EvaluationError(f"{labels_csv}: missing column {column!r} (expected image_id,label)")
