@@ -56,6 +56,17 @@ def test_every_ptq_mode_converts_loads_scores_and_shrinks(trained_run, ptq_folde
     assert size["dynamic"] < 0.35 * size["fp32"] and size["int8"] < 0.35 * size["fp32"]
     assert table.loc["int4", "gzip_mb"] < 0.8 * table.loc["dynamic", "gzip_mb"]  # 16 values per tensor compress
     assert table.loc["fp32", "roc_auc"] == pytest.approx(keras_auc, abs=2e-3)
+    # Image by image on validation: int8 logits follow the Keras model's, not only the ranking's summary.
+    from melanoma_tf import models
+
+    cfg = C.load(trained_run / "config.yaml")
+    val_images = load_images(runs.split_frame(cfg, trained_run, "val")["path"].tolist(), 48)
+    keras_z = models.load_model(trained_run / "model.keras").predict(val_images, verbose=0).reshape(-1)
+    spread = float(keras_z.std())
+    for mode, max_error in (("fp32", 1e-4), ("fp16", 0.02), ("int8", 0.15)):
+        z = TFLiteModel(ptq_folder / f"{mode}.tflite").predict(val_images).reshape(-1)
+        assert np.abs(z - keras_z).mean() <= max_error * max(spread, 1.0), mode
+        assert np.corrcoef(z, keras_z)[0, 1] > (0.999 if mode != "int8" else 0.98), mode
     assert table.loc["fp64", "roc_auc"] == pytest.approx(keras_auc, abs=2e-3)
     fp64 = json.loads((ptq_folder / "eval_fp64" / "metrics.json").read_text())
     assert fp64["model"].endswith("fp64.keras")
@@ -88,11 +99,25 @@ def test_sidecar_contract(trained_run, ptq_folder):
         assert sidecar["input_scale"] == pytest.approx(model._input["quantization"][0])
         assert sidecar["threshold_logit"] == pytest.approx(np.log(sidecar["threshold"] / (1 - sidecar["threshold"])))
     assert json.loads((ptq_folder / "int8.json").read_text())["tflm_arena_bytes"] > 0
-    # The validation-fitted calibration travels with the model; no path of this machine does.
+    # The threshold and the calibration are this flatbuffer's own, fitted on validation: recomputed here from its
+    # logits on the run's validation images (not copied from the Keras model or another file).
+    from melanoma_tf import metrics as M
+
+    cfg = C.load(trained_run / "config.yaml")
+    val = runs.split_frame(cfg, trained_run, "val")
+    val_y = val["label"].to_numpy()
+    for mode in ("fp32", "int8"):
+        sidecar = json.loads((ptq_folder / f"{mode}.json").read_text())
+        z = TFLiteModel(ptq_folder / f"{mode}.tflite").predict(load_images(val["path"].tolist(), 48)).reshape(-1)
+        assert sidecar["threshold"] == pytest.approx(M.threshold_for_sensitivity(val_y, M.sigmoid(z), 0.95),
+                                                     rel=1e-6)
+        a, b = M.fit_platt(z, val_y)
+        assert sidecar["calibration"]["method"] == "platt" and sidecar["calibration"]["fitted_on"] == "validation"
+        assert (sidecar["calibration"]["a"], sidecar["calibration"]["b"]) == pytest.approx((a, b), rel=1e-4,
+                                                                                           abs=1e-6)
+        assert sidecar["temperature"] == pytest.approx(M.fit_temperature(z, val_y), rel=1e-4)
+    # No path of this machine travels with the model.
     sidecar = json.loads((ptq_folder / "int8.json").read_text())
-    metrics = json.loads((ptq_folder / "eval_int8" / "metrics.json").read_text())
-    assert sidecar["calibration"] == {"method": "platt", "a": metrics["platt"][0], "b": metrics["platt"][1],
-                                      "fitted_on": "validation"}
     assert "/" not in sidecar["source_run"] and sidecar["source_run"] == trained_run.name
 
 
@@ -120,6 +145,15 @@ def test_qat_on_real_mobilenet_v3_small(trained_run, ptq_folder, tmp_path):
     folder = Q.quantize_run(trained_run, ("qat",), qat_epochs=1, n_boot=50, latency_runs=50, n_representative=100)
     table = pd.read_csv(folder / "comparison.csv").set_index("mode")
     assert table.loc["qat", "roc_auc"] == pytest.approx(table.loc["keras fp32", "roc_auc"], abs=0.05)
+    # The flatbuffer computes what its QAT Keras model computes, image by image (int32 biases that overflowed made
+    # them differ by a correlation of 0.95 on the reference student).
+    from melanoma_tf import models
+
+    cfg = C.load(trained_run / "config.yaml")
+    val_images = load_images(runs.split_frame(cfg, trained_run, "val")["path"].tolist(), 48)
+    keras_z = models.load_model(trained_run / "model.keras").predict(val_images, verbose=0).reshape(-1)
+    qat_z = TFLiteModel(folder / "qat.tflite").predict(val_images).reshape(-1)
+    assert np.corrcoef(qat_z, keras_z)[0, 1] > 0.95  # one epoch of QAT fine-tuning moves the model a little
     sidecar = json.loads((folder / "qat.json").read_text())
     assert sidecar["input_dtype"] == sidecar["output_dtype"] == "int8"
     assert "HARD_SWISH" in sidecar["ops"] and "DEQUANTIZE" not in sidecar["ops"] and "QUANTIZE" not in sidecar["ops"]
@@ -153,10 +187,15 @@ def test_qat_starts_from_activation_ranges_calibrated_on_training_images(trained
     def logit_error():
         return float(np.abs(qat(held, training=False).numpy().ravel() - float_logits).mean())
 
+    # The fixture is trained anew in every session (2 threads: not bit-reproducible), and how far its activations
+    # leave TF-MOT's start of [-6, 6] varies with it: the uncalibrated error was 1.30 in one session and 0.081 in
+    # another, so a bound relative to it failed now and then. The bounds hold for the calibrated model itself:
+    # no worse than uncalibrated, and small against the spread of the float logits.
+    spread = float(float_logits.std())
     before = logit_error()
     assert Q.calibrate_ranges(qat, Q.representative_images(cfg, trained_run, 96, 0)) == len(ranges)
     after = logit_error()
-    assert after < 0.2 * before, (before, after)
+    assert after <= before and after < 0.1 * spread, (before, after, spread)
     assert np.corrcoef(qat(held, training=False).numpy().ravel(), float_logits)[0, 1] > 0.98
     lows, highs = np.array([v.numpy() for v in ranges[0::2]]), np.array([v.numpy() for v in ranges[1::2]])
     assert (lows <= 0).all() and (highs >= 0).all() and (highs > lows).all()
