@@ -415,3 +415,44 @@ def test_converter_exports_the_inference_graph_with_the_trained_statistics(tmp_p
     expected = model(images, training=False).numpy()
     assert not np.allclose(model(images, training=True).numpy(), expected, atol=1e-3)
     np.testing.assert_allclose(TFLiteModel(path).predict(images), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_quantize_prints_each_target_as_met_or_missed():
+    table = pd.DataFrame([
+        {"mode": "keras fp32", "size_mb": 4.2, "roc_auc": 0.90, "tflm_arena_kb": float("nan")},
+        {"mode": "fp32", "size_mb": 26.0, "roc_auc": 0.90, "tflm_arena_kb": float("nan")},
+        {"mode": "fp16", "size_mb": 1.9, "roc_auc": 0.90, "tflm_arena_kb": float("nan")},
+        {"mode": "int8", "size_mb": 1.2, "roc_auc": 0.89, "tflm_arena_kb": 800.0},
+        {"mode": "qat", "size_mb": 1.2, "roc_auc": 0.885, "tflm_arena_kb": 500.0}])
+    assert Q._targets(table) == [
+        "target fp32 <= 25 MB (phone): 26.00 MB MISSED",
+        "target fp16 <= 25 MB (phone): 1.90 MB OK",
+        "target qat model + TFLM arena <= 2 MB (microcontroller): 1.20 + 0.51 = 1.71 MB OK",
+        "target int8 model + TFLM arena <= 2 MB (microcontroller): 1.20 + 0.82 = 2.02 MB MISSED",
+        "target QAT int8 holdout ROC-AUC within 0.01 of float: 0.8850 vs 0.9000 (gap +0.0150) MISSED"]
+    table.loc[table["mode"] == "qat", "roc_auc"] = 0.895
+    assert Q._targets(table)[-1].endswith("(gap +0.0050) OK")
+
+
+def test_int8_calibration_images_come_from_the_training_split_only(tmp_path, monkeypatch):
+    """Representative (calibration) images: training images only, never validation or holdout ones."""
+    from PIL import Image
+
+    frames = {}
+    for value, split in ((50, "train"), (150, "val"), (250, "holdout")):
+        paths = []
+        for i in range(6):
+            path = tmp_path / f"{split}{i}.png"
+            Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(path)
+            paths.append(str(path))
+        frames[split] = pd.DataFrame({"path": paths})
+    asked = []
+
+    def split_frame(cfg, stage_dir, split):
+        asked.append(split)
+        return frames[split]
+
+    monkeypatch.setattr(Q, "split_frame", split_frame)
+    cfg = C.load(REPO / "configs" / "quickstart.yaml", ["data.image_size=16"])
+    images = Q.representative_images(cfg, tmp_path, n=4, seed=1)
+    assert asked == ["train"] and images.shape == (4, 16, 16, 3) and (images == 50).all()

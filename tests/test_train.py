@@ -87,6 +87,16 @@ def test_chained_run_cli_contract(synthetic_root, tmp_path):
     compare = pd.read_csv(run_dir / "compare" / "compare.csv")
     assert len(compare) == 3 and compare["roc_auc"].between(0, 1).all()
 
+    # Killed before the last stage finished (its metrics.json is the stage's commit point), then resumed: the
+    # finished stages are not run again, the last one is completed.
+    (run_dir / "distill" / "metrics.json").unlink()
+    finished = {stage: (run_dir / stage / "model.keras").stat().st_mtime_ns for stage in ("teacher", "student")}
+    resumed = cli(["--config", str(QUICKSTART), *sets(overrides), "--resume", str(run_dir)])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert {stage: (run_dir / stage / "model.keras").stat().st_mtime_ns for stage in finished} == finished
+    assert (run_dir / "distill" / "metrics.json").is_file()
+    assert resumed.stdout.strip().splitlines()[-1] == f"run: {run_dir}"
+
 
 def test_cli_errors_exit_nonzero_and_name_the_problem(tmp_path, synthetic_root, capsys):
     bad_key = cli(["--config", str(QUICKSTART), "--set", "train.epoch=3"])  # the real process, once
