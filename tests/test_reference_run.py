@@ -146,6 +146,7 @@ def _finished_run(out, teachers=True):
     _evaluation(out / "tiny_student" / "tflite" / "eval_int8", 0.915, 0.66, 0.45, external=0.74)
     (out / "tiny_student" / "tflite" / "int8.json").write_text(json.dumps({"size_bytes": 470_000,
                                                                           "tflm_arena_bytes": 300_000}))
+    (out / "tiny_student" / "tflite" / "int8.tflite").write_bytes(b"TFL3" + bytes(60))
     (tflite / "fp16.tflite").write_bytes(b"TFL3" + bytes(150))
     (tflite / "fp16.json").write_text(json.dumps({"model": "fp16.tflite", "threshold": 0.35,
                                                   "source_run": "/machine/path/distill_seed1"}))
@@ -194,7 +195,11 @@ def test_assemble_writes_the_results_folder_and_checks_the_targets(tmp_path):
     fp16 = json.loads((results / "student_fp16.json").read_text())
     assert fp16["model"] == "student_fp16.tflite" and "/machine" not in fp16["source_run"]
     assert (results / "student_fp16.tflite").stat().st_size == 154
-    for name, auc in (("student_int8", 0.93), ("student_fp16", 0.925)):
+    tiny = json.loads((results / "tiny_student_int8.json").read_text())  # flashable without retraining
+    assert tiny["model"] == "tiny_student_int8.tflite" and tiny["source_run"].startswith("tiny_student of ")
+    assert (results / "tiny_student_int8.tflite").read_bytes() == (out / "tiny_student" / "tflite" /
+                                                                  "int8.tflite").read_bytes()
+    for name, auc in (("student_int8", 0.93), ("student_fp16", 0.925), ("tiny_student_int8", 0.915)):
         evaluation = json.loads((results / f"{name}_eval.json").read_text())
         assert evaluation["model"] == f"{name}.tflite" and evaluation["roc_auc"] == auc
     text = (results / "report.md").read_text()

@@ -7,8 +7,9 @@ fixed folder under ``output.dir`` of the config, so the run is resumable: run
 the same command again after a crash and finished steps are skipped, a killed
 training continues from its last epoch. At the end the summary is assembled in
 ``--results`` (default ``results/<config name>``): ``report.md``,
-``metrics.json``, the comparison plots, ``student_int8.tflite`` with its
-``student_int8.json`` sidecar, and the run's ``splits.csv``. The last line
+``metrics.json``, the comparison plots, ``student_int8.tflite`` (the microcontroller's),
+``student_fp16.tflite`` (the phone app's) and ``tiny_student_int8.tflite`` (512 KB-class boards), each with
+its sidecar and evaluation, and the run's ``splits.csv``. The last line
 printed is ``reference: <results folder>``.
 """
 
@@ -179,6 +180,17 @@ def _shipped_evaluation(eval_dir: Path, model_name: str, run_name: str, model_fi
     return evaluation
 
 
+def _ship(run: Path, mode: str, eval_dir: Path, results: Path, name: str, command: str) -> None:
+    """Copies ``run``'s ``tflite/<mode>.tflite`` into ``results`` as ``<name>.tflite``, with its sidecar and its
+    evaluation, both naming the file there and no path of this machine."""
+    source = run / "tflite" / f"{mode}.tflite"
+    shutil.copyfile(source, results / f"{name}.tflite")
+    sidecar = json.loads(source.with_suffix(".json").read_text())
+    sidecar.update(model=f"{name}.tflite", source_run=f"{run.name} of {command}")
+    write_json(results / f"{name}.json", sidecar)
+    write_json(results / f"{name}_eval.json", _shipped_evaluation(eval_dir, f"{name}.tflite", run.name, source))
+
+
 def assemble(out: Path, results: Path, seeds: list[int], timings: dict, command: str,
              external: str = "isic2017", bootstrap: int = 1000, teachers: tuple[str, ...] = ()) -> dict:
     """Writes the results folder from the finished run (``teachers``: their step names); returns the summary."""
@@ -304,22 +316,14 @@ def assemble(out: Path, results: Path, seeds: list[int], timings: dict, command:
     qat_eval = first / "tflite" / f"eval_{shipped}"
     for png in sorted(qat_eval.glob("*.png")):
         shutil.copyfile(png, results / f"student_int8_{png.name}")
-    shutil.copyfile(first / "tflite" / f"{shipped}.tflite", results / "student_int8.tflite")
-    sidecar = json.loads((first / "tflite" / f"{shipped}.json").read_text())
-    sidecar["model"] = "student_int8.tflite"
-    sidecar["source_run"] = f"{first.name} of {command}"
-    write_json(results / "student_int8.json", sidecar)
-    write_json(results / "student_int8_eval.json", _shipped_evaluation(qat_eval, "student_int8.tflite", first.name,
-                                                                               first / "tflite" / f"{shipped}.tflite"))
+    _ship(first, shipped, qat_eval, results, "student_int8", command)
     # The phone app runs the fp16 student: float arithmetic gives the same score in every runtime, while
     # int8 kernels (XNNPACK on x86 or WebAssembly, TFLite's reference ones) differ by several output steps.
-    shutil.copyfile(first / "tflite" / "fp16.tflite", results / "student_fp16.tflite")
-    sidecar = json.loads((first / "tflite" / "fp16.json").read_text())
-    sidecar.update(model="student_fp16.tflite", source_run=f"{first.name} of {command}")
-    write_json(results / "student_fp16.json", sidecar)
-    write_json(results / "student_fp16_eval.json",
-               _shipped_evaluation(first / "tflite" / "eval_fp16", "student_fp16.tflite", first.name,
-                                   first / "tflite" / "fp16.tflite"))
+    _ship(first, "fp16", first / "tflite" / "eval_fp16", results, "student_fp16", command)
+    # The edge-class student, so a 512 KB-class board can be flashed without retraining.
+    tiny = out / "tiny_student"
+    if (tiny / "tflite" / "int8.tflite").is_file():
+        _ship(tiny, "int8", tiny / "tflite" / "eval_int8", results, "tiny_student_int8", command)
     shutil.copyfile(first / "splits.csv", results / "splits.csv")
 
     rows = []
