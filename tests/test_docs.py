@@ -43,3 +43,18 @@ def test_the_headline_table_is_made_from_results(tmp_path):
     stale.write_text((REPO / "README.md").read_text().replace("0.881 [", "0.891 [", 1))
     assert readme_results.main(["--check", "--readme", str(stale)]) == 1
     assert readme_results.main(["--readme", str(stale)]) == 0 and stale.read_text() == (REPO / "README.md").read_text()
+
+
+def test_every_test_the_docs_name_exists():
+    """The docs say which test holds each parity claim: every `tests/x.py::name` (and `::name` after it) exists."""
+    named = []
+    for page in [*sorted((REPO / "docs").glob("*.md")), REPO / "edge" / "README.md", REPO / "README.md"]:
+        current = None
+        for match in re.finditer(r"(tests/test_\w+\.py)?::(test_\w+)|(tests/test_\w+\.py)", page.read_text()):
+            current = match.group(1) or match.group(3) or current
+            if match.group(2):
+                named.append((page.name, current, match.group(2)))
+    assert len(named) >= 6
+    for page, module, name in named:
+        assert module is not None, (page, name)
+        assert re.search(rf"^def {name}\(", (REPO / module).read_text(), re.M), f"{page}: {module}::{name}"
