@@ -238,6 +238,23 @@ def cached_unreadable_images(paths: list[str]) -> list[int]:
     return bad
 
 
+def drop_unreadable(frame: pd.DataFrame, on_corrupt: str, where: str, hint: str) -> tuple[pd.DataFrame, list[str]]:
+    """``frame`` without the rows whose ``path`` the training decoder rejects, and their sorted image ids.
+
+    With ``on_corrupt="error"`` a file that does not decode is a DataError naming the first ones
+    (``where`` says which list they are in, ``hint`` how to go on); with ``"skip"`` a warning.
+    """
+    bad = cached_unreadable_images(frame["path"].tolist())
+    if not bad:
+        return frame.reset_index(drop=True), []
+    message = (f"{len(bad)} image file(s){where} cannot be decoded (first: "
+               f"{', '.join(frame['path'].iloc[bad[:3]])})")
+    if on_corrupt == "error":
+        raise DataError(f"{message}; {hint}")
+    log.warning("%s; skipping them", message)
+    return frame.drop(index=frame.index[bad]).reset_index(drop=True), sorted(frame["image_id"].iloc[bad])
+
+
 def label_frame(frame: pd.DataFrame, mode: str) -> tuple[pd.DataFrame, list[str]]:
     """Adds the integer ``label`` column for ``binary`` (melanoma = 1) or ``multiclass`` mode."""
     frame = frame.copy()
@@ -288,15 +305,7 @@ def load_lesion_data(root: str | os.PathLike, metadata: str = "HAM10000_metadata
     frame = frame.loc[~absent].sort_values("image_id").reset_index(drop=True)
     unreadable: list[str] = []
     if check_decode:
-        bad = cached_unreadable_images(frame["path"].tolist())
-        unreadable = sorted(frame["image_id"].iloc[bad])
-        if unreadable:
-            message = (f"{len(unreadable)} image file(s) cannot be decoded (first: "
-                       f"{', '.join(frame['path'].iloc[bad[:3]])})")
-            if on_corrupt == "error":
-                raise DataError(message + "; set data.on_corrupt: skip to train on the rest")
-            log.warning("%s; skipping them", message)
-            frame = frame.drop(index=bad).reset_index(drop=True)
+        frame, unreadable = drop_unreadable(frame, on_corrupt, "", "set data.on_corrupt: skip to train on the rest")
     if frame.empty:
         raise DataError(f"no usable image for the {n_listed} rows of {csv_path} under {root}")
     frame, names = label_frame(frame, labels)

@@ -81,18 +81,13 @@ def external_frame(images_dir: str | Path, labels_csv: str | Path, label_mode: s
     table["path"] = [str(files[i]) for i in table["image_id"]]
     if "lesion_id" not in table.columns:
         table["lesion_id"] = table["image_id"]
-    bad = datamod.cached_unreadable_images(table["path"].tolist())
-    skipped = sorted(table["image_id"].iloc[bad])
-    if bad:
-        message = (f"{len(bad)} image file(s) listed in {labels_csv} cannot be decoded (first: "
-                   f"{table['path'].iloc[bad[0]]})")
-        if on_corrupt == "error":
-            raise EvaluationError(message + "; --on-corrupt skip (data.on_corrupt: skip) scores the rest")
-        log.warning("%s; skipping them", message)
-        table = table.drop(index=table.index[bad])
-        if table.empty:
-            raise EvaluationError(f"{labels_csv}: no image left to score once unreadable files are skipped")
-    table = table.reset_index(drop=True)
+    try:
+        table, skipped = datamod.drop_unreadable(table, on_corrupt, f" listed in {labels_csv}",
+                                                 "--on-corrupt skip (data.on_corrupt: skip) scores the rest")
+    except datamod.DataError as err:
+        raise EvaluationError(str(err)) from None
+    if table.empty:
+        raise EvaluationError(f"{labels_csv}: no image left to score once unreadable files are skipped")
     table.attrs["skipped_unreadable"] = skipped
     return table
 
