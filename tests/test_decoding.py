@@ -126,8 +126,10 @@ def test_the_pi_tool_computes_the_packages_metrics():
     from melanoma_tf import metrics as M
 
     rng = np.random.default_rng(4)
-    y = (rng.random(500) < 0.25).astype(int)
-    p = M.sigmoid(rng.normal(size=500) + 1.5 * y)
+    z = rng.normal(0, 2, 500)
+    y = (rng.random(500) < M.sigmoid(2.5 * z)).astype(int)  # under-confident: the error changes sign across bins,
+    p = M.sigmoid(z)                                          # so the bin count matters
     p[:40] = 0.5  # ties
+    assert abs(M.ece(y, p, n_bins=15) - M.ece(y, p)) > 1e-3
     assert benchmark_tflite.expected_calibration_error(y, p) == pytest.approx(M.ece(y, p), abs=1e-12)
     assert benchmark_tflite.roc_auc(y, p) == pytest.approx(M.roc_auc(y, p), abs=1e-12)
