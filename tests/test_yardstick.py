@@ -137,3 +137,34 @@ def test_yardstick_end_to_end_resumes_and_compares(clinics_root, tmp_path, capsy
     assert "leave-one-clinic-out mean" in (tmp_path / "cmp" / "compare.md").read_text()
     assert Y.main(["--compare", str(out_a), str(tmp_path)]) == 2
     assert "not a yardstick folder" in capsys.readouterr().err
+
+
+def test_the_summary_averages_clinics_per_seed_and_reports_external_sets_of_the_same_models():
+    rng = np.random.default_rng(5)
+    plan = {"clinics": ["a", "b"], "reported": ["c"], "seeds": [1, 2, 3], "random_split": True,
+            "source_column": "dataset"}
+    rows = []
+    for split in ("a", "b", "c", "random"):
+        for seed in (1, 2, 3):
+            row = {"split": split, "seed": seed, "in_mean": split in ("a", "b"), "roc_auc": rng.uniform(0.6, 0.9),
+                   "roc_auc_low": 0.5, "roc_auc_high": 0.95, "n_images": 100, "n_melanoma": 20,
+                   "isic2017_roc_auc": rng.uniform(0.6, 0.7), "isic2017_ece_platt": rng.uniform(0.05, 0.1)}
+            if split == "random":
+                row.update(within_a=rng.uniform(0.7, 0.8), within_b=rng.uniform(0.7, 0.8))
+            rows.append(row)
+    rows = pd.DataFrame(rows)
+    summary = Y.summarise(rows, plan)
+    per_seed = [rows[(rows["seed"] == s) & rows["in_mean"]]["roc_auc"].mean() for s in (1, 2, 3)]
+    assert summary["loco_mean"]["mean"] == pytest.approx(np.mean(per_seed))
+    assert summary["loco_mean"]["sd"] == pytest.approx(np.std(per_seed, ddof=1))
+    clinic_means = {c: rows[rows["split"] == c]["roc_auc"].mean() for c in ("a", "b")}
+    assert summary["worst_clinic"]["clinic"] == min(clinic_means, key=clinic_means.get)
+    random_rows = rows[rows["split"] == "random"]
+    assert summary["within_clinic"]["mean"] == pytest.approx(random_rows[["within_a", "within_b"]].mean(axis=1).mean())
+    models = rows[rows["split"].isin(["a", "b", "random"])]  # the reported clinic's models are not in the summary
+    assert summary["external"]["isic2017"]["n_models"] == 9
+    assert summary["external"]["isic2017"]["roc_auc_mean"] == pytest.approx(models["isic2017_roc_auc"].mean())
+    assert summary["external"]["isic2017"]["ece_platt_mean"] == pytest.approx(models["isic2017_ece_platt"].mean())
+    # A seed whose clinics have not all finished is left out of the mean, not averaged over fewer clinics.
+    partial = Y.summarise(rows.drop(index=rows[(rows["split"] == "b") & (rows["seed"] == 3)].index), plan)
+    assert partial["loco_mean"]["n_seeds"] == 2 and partial["loco_mean"]["mean"] == pytest.approx(np.mean(per_seed[:2]))
