@@ -17,7 +17,7 @@ from melanoma_tf import config as C
 from melanoma_tf import data as D
 from melanoma_tf import evaluation as E
 from melanoma_tf.errors import MelanomaTfError
-from melanoma_tf.tflite import FlatbufferError, verify_flatbuffer
+from melanoma_tf.tflite import FlatbufferError, TFLiteModel
 
 BOUNDED = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture],
                    derandomize=True)
@@ -137,7 +137,7 @@ def test_any_image_file_is_scored_or_named_as_unreadable(tmp_path_factory, kind,
         np.testing.assert_array_equal(pixels[0], tool)
 
 
-@settings(max_examples=40, deadline=None, derandomize=True)
+@settings(max_examples=25, deadline=None, derandomize=True)
 @given(data=st.data())
 def test_any_damaged_model_file_is_refused_by_the_projects_error(tmp_path_factory, data):
     blob = bytearray(_MODEL)
@@ -153,12 +153,13 @@ def test_any_damaged_model_file_is_refused_by_the_projects_error(tmp_path_factor
         blob = bytearray(b"\x1c\x00\x00\x00TFL3" + data.draw(st.binary(max_size=256)))
     path = tmp_path_factory.mktemp("model") / "m.tflite"
     path.write_bytes(bytes(blob))
-    try:
-        verify_flatbuffer(path)
+    try:  # as every command opens a model: the structural check, then the runtime (a cut in the last 8 bytes of
+        # this model passes the pure-Python structural check; the runtime refuses it, with the same error)
+        TFLiteModel(path).predict(np.zeros((1, 16, 16, 3), np.float32))
     except FlatbufferError as err:
         assert "m.tflite" in str(err)
         return
-    assert action == "flip"  # only a flipped weight byte can leave the structure intact
+    assert action == "flip"  # only a flipped weight byte can leave a model that runs
 
 
 _MODEL = tiny_int8_flatbuffer(16)
