@@ -34,21 +34,28 @@ def pick_images(root: Path, n: int) -> list[Path]:
     return [present[i] for i in [*mel, *other]]
 
 
-def centre_squares(paths: list[Path], folder: Path) -> list[Path]:
-    """The centre square the app crops (its guide), saved losslessly (PNG) so the training reader can read it."""
+def save_crops(paths: list[Path], folder: Path, box, name) -> list[Path]:
+    """Each image cut to ``box(index, width, height)`` and saved losslessly (PNG) as ``folder / name(index, path)``."""
     from PIL import Image
 
     out = []
     for index, path in enumerate(paths):
         with Image.open(path) as image:
             rgb = image.convert("RGB")
-        w, h = rgb.size
+        crop = folder / name(index, path)
+        rgb.crop(box(index, *rgb.size)).save(crop)
+        out.append(crop)
+    return out
+
+
+def centre_squares(paths: list[Path], folder: Path) -> list[Path]:
+    """The centre square the app crops (its guide), so the training reader can read what the app sees."""
+    def box(index, w, h):
         side = min(w, h)
         x, y = (w - side) // 2, (h - side) // 2
-        square = folder / f"{index:03d}_{path.stem}.png"
-        rgb.crop((x, y, x + side, y + side)).save(square)
-        out.append(square)
-    return out
+        return x, y, x + side, y + side
+
+    return save_crops(paths, folder, box, lambda index, path: f"{index:03d}_{path.stem}.png")
 
 
 def near_threshold(root: Path, model, sidecar: dict, exclude: set, n: int, pool: int = 300) -> list[Path]:
@@ -61,19 +68,12 @@ def near_threshold(root: Path, model, sidecar: dict, exclude: set, n: int, pool:
 
 
 def non_square_copies(paths: list[Path], folder: Path) -> list[Path]:
-    """Copies cut to landscape and portrait (PNG, lossless): the app must crop the same centre square."""
-    from PIL import Image
+    """Copies cut to landscape and portrait: the app must crop the same centre square."""
+    def box(index, w, h):
+        return (0, h // 8, w, h - h // 5) if index % 2 == 0 else (w // 6, 0, w - w // 10, h)
 
-    out = []
-    for index, path in enumerate(paths):
-        with Image.open(path) as image:
-            rgb = image.convert("RGB")
-        w, h = rgb.size
-        box = (0, h // 8, w, h - h // 5) if index % 2 == 0 else (w // 6, 0, w - w // 10, h)
-        copy = folder / f"{path.stem}_{'wide' if index % 2 == 0 else 'tall'}.png"
-        rgb.crop(box).save(copy)
-        out.append(copy)
-    return out
+    return save_crops(paths, folder, box,
+                      lambda index, path: f"{path.stem}_{'wide' if index % 2 == 0 else 'tall'}.png")
 
 
 def main() -> int:
