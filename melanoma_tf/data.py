@@ -88,18 +88,14 @@ def read_csv_table(csv_path: str | os.PathLike, **kwargs) -> pd.DataFrame:
     """
     csv_path = Path(csv_path)
     raw = csv_path.read_bytes()
-    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
-        encoding = "utf-16"
-    else:
+    encodings = ("utf-16",) if raw.startswith((b"\xff\xfe", b"\xfe\xff")) else ("utf-8-sig", "latin-1")
+    for encoding in encodings:  # Latin-1 decodes any bytes: the loop always ends with text or utf-16's error
         try:
-            raw.decode("utf-8-sig")
-            encoding = "utf-8-sig"
-        except UnicodeDecodeError:
-            encoding = "latin-1"
-    try:
-        text = raw.decode(encoding)
-    except UnicodeDecodeError as err:
-        raise DataError(f"{csv_path}: not readable as {encoding} text: {err}") from None
+            text = raw.decode(encoding)
+            break
+        except UnicodeDecodeError as err:
+            if encoding == encodings[-1]:
+                raise DataError(f"{csv_path}: not readable as {encoding} text: {err}") from None
     header = text.split("\n", 1)[0]
     separator = max([",", ";", "\t"], key=header.count)
     try:
