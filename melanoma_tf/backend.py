@@ -13,6 +13,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import tensorflow as tf  # noqa: E402
 import tf_keras as keras  # noqa: E402
+from tensorflow.python.framework import config as tf_framework_config  # noqa: E402
 
 __all__ = ["tf", "keras", "set_global_seed", "make_strategy"]
 
@@ -46,6 +47,20 @@ def make_strategy(name: str) -> "tf.distribute.Strategy":
     raise ValueError(f"train.distribution: unknown strategy {name!r}")
 
 
-def set_global_seed(seed: int) -> None:
-    """Seeds Python, NumPy and TensorFlow random generators."""
+def set_global_seed(seed: int, deterministic: bool = False) -> None:
+    """Seeds Python, NumPy and TensorFlow random generators.
+
+    ``deterministic`` also switches on TensorFlow's op determinism (for the rest of
+    the process): the same seed then trains the same weights, bit for bit, on one machine;
+    ``False`` switches it off again.
+    """
     keras.utils.set_random_seed(int(seed))
+    # keras-cv's augmentation layers draw from TensorFlow's global generator, which
+    # is otherwise seeded from the clock.
+    tf.random.set_global_generator(tf.random.Generator.from_seed(int(seed)))
+    if deterministic:
+        tf.config.experimental.enable_op_determinism()
+    elif tf_framework_config.is_op_determinism_enabled():
+        # A run without it after one with it in the same process (a sweep, a test
+        # session) trains as fast as it would alone; TensorFlow has no public inverse.
+        tf_framework_config.disable_op_determinism()

