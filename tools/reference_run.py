@@ -16,7 +16,6 @@ printed is ``reference: <results folder>``.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import subprocess
@@ -33,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from melanoma_tf import config as cfgmod  # noqa: E402
 from melanoma_tf.files import write_atomic, write_json  # noqa: E402
+from ship_model import ship  # noqa: E402  (tools/ is on the path when this script runs)
 
 
 
@@ -171,26 +171,6 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
-def _shipped_evaluation(eval_dir: Path, model_name: str, run_name: str, model_file: Path) -> dict:
-    """An evaluation of a shipped model, named by its file in results/ (no path of this machine)."""
-    evaluation = json.loads((eval_dir / "metrics.json").read_text())
-    # evaluate records which file it scored; an evaluation from before it did is of the file quantize wrote
-    evaluation.setdefault("model_sha256", hashlib.sha256(model_file.read_bytes()).hexdigest())
-    evaluation.update(model=model_name, model_file=model_name, run=run_name)
-    return evaluation
-
-
-def _ship(run: Path, mode: str, eval_dir: Path, results: Path, name: str, command: str) -> None:
-    """Copies ``run``'s ``tflite/<mode>.tflite`` into ``results`` as ``<name>.tflite``, with its sidecar and its
-    evaluation, both naming the file there and no path of this machine."""
-    source = run / "tflite" / f"{mode}.tflite"
-    shutil.copyfile(source, results / f"{name}.tflite")
-    sidecar = json.loads(source.with_suffix(".json").read_text())
-    sidecar.update(model=f"{name}.tflite", source_run=f"{run.name} of {command}")
-    write_json(results / f"{name}.json", sidecar)
-    write_json(results / f"{name}_eval.json", _shipped_evaluation(eval_dir, f"{name}.tflite", run.name, source))
-
-
 def assemble(out: Path, results: Path, seeds: list[int], timings: dict, command: str,
              external: str = "isic2017", bootstrap: int = 1000, teachers: tuple[str, ...] = ()) -> dict:
     """Writes the results folder from the finished run (``teachers``: their step names); returns the summary."""
@@ -316,14 +296,14 @@ def assemble(out: Path, results: Path, seeds: list[int], timings: dict, command:
     qat_eval = first / "tflite" / f"eval_{shipped}"
     for png in sorted(qat_eval.glob("*.png")):
         shutil.copyfile(png, results / f"student_int8_{png.name}")
-    _ship(first, shipped, qat_eval, results, "student_int8", command)
+    ship(first, shipped, qat_eval, results, "student_int8", command)
     # The phone app runs the fp16 student: float arithmetic gives the same score in every runtime, while
     # int8 kernels (XNNPACK on x86 or WebAssembly, TFLite's reference ones) differ by several output steps.
-    _ship(first, "fp16", first / "tflite" / "eval_fp16", results, "student_fp16", command)
+    ship(first, "fp16", first / "tflite" / "eval_fp16", results, "student_fp16", command)
     # The edge-class student, so a 512 KB-class board can be flashed without retraining.
     tiny = out / "tiny_student"
     if (tiny / "tflite" / "int8.tflite").is_file():
-        _ship(tiny, "int8", tiny / "tflite" / "eval_int8", results, "tiny_student_int8", command)
+        ship(tiny, "int8", tiny / "tflite" / "eval_int8", results, "tiny_student_int8", command)
     shutil.copyfile(first / "splits.csv", results / "splits.csv")
 
     rows = []
