@@ -87,9 +87,18 @@ def test_the_yardstick_soup_table_sets_a_soup_beside_its_seeds_and_their_ensembl
         assert E.main(["--run", str(split / f"seed{k}"), "--bootstrap", "20", "--gradcam", "0",
                        "--latency-runs", "1"]) == 0
     (tmp_path / "yardstick" / "unfinished" / "seed1").mkdir(parents=True)  # not two scored seeds: left out
+    drawn = tmp_path / "yardstick" / "drawn"  # seeds that drew their own holdouts make no soup: said, not crashed
+    for k in (1, 2):
+        shutil.copytree(split / f"seed{k}", drawn / f"seed{k}")
+    splits = pd.read_csv(drawn / "seed2" / "splits.csv")
+    splits.loc[splits.index[splits["split"] == "holdout"][0], "split"] = "train"
+    splits.to_csv(drawn / "seed2" / "splits.csv", index=False)
     out = tmp_path / "soups.md"
     assert soup_yardstick.main([str(tmp_path / "yardstick"), "--out", str(out), "--bootstrap", "20"]) == 0
-    (row,) = json.loads(out.with_suffix(".json").read_text())["rows"]
+    record = json.loads(out.with_suffix(".json").read_text())
+    (row,) = record["rows"]
+    assert list(record["skipped"]) == ["drawn"] and "another holdout" in record["skipped"]["drawn"]
+    assert str(tmp_path) not in out.with_suffix(".json").read_text() + out.read_text()
     cell = row["holdout"]
     frames = [pd.read_csv(split / f"seed{k}" / "eval_holdout" / "predictions.csv") for k in (1, 2)]
     assert cell["ensemble"] == pytest.approx(M.roc_auc(frames[0]["label"], (frames[0]["logit"] + frames[1]["logit"]) / 2))

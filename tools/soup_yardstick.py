@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from melanoma_tf import metrics as M  # noqa: E402
 from melanoma_tf.files import write_atomic, write_json  # noqa: E402
+from melanoma_tf.runs import RunError  # noqa: E402
 
 
 def _predictions(eval_dir: Path, external: Optional[str]) -> pd.DataFrame:
@@ -85,14 +86,24 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates of the soup's interval")
     args = parser.parse_args(argv)
     splits = sorted(d for d in args.yardstick.iterdir() if d.is_dir()) if args.yardstick.is_dir() else []
-    rows = [r for r in (score_split(d, args.bootstrap) for d in splits) if r]
+    rows, skipped = [], {}
+    for split in splits:
+        try:
+            row = score_split(split, args.bootstrap)
+        except RunError as err:  # e.g. the random split: every seed draws its own holdout, so no soup
+            skipped[split.name] = str(err).replace(str(args.yardstick.parent) + "/", "")
+            print(f"{split.name}: no soup: {err}", file=sys.stderr)
+            continue
+        if row:
+            rows.append(row)
     if not rows:
         print(f"error: {args.yardstick}: no split with two or more finished seeds", file=sys.stderr)
         return 2
     out = args.out or args.yardstick / "soups.md"
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out, table(rows).encode())
-    write_json(out.with_suffix(".json"), {"yardstick": args.yardstick.name, "rows": rows})
+    notes = "".join(f"\n{name}: no soup ({reason})\n" for name, reason in skipped.items())
+    write_atomic(out, (table(rows) + notes).encode())
+    write_json(out.with_suffix(".json"), {"yardstick": args.yardstick.name, "rows": rows, "skipped": skipped})
     print(f"soups: {out}")
     return 0
 
