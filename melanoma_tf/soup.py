@@ -31,6 +31,7 @@ from melanoma_tf import config as cfgmod
 from melanoma_tf import data as datamod
 from melanoma_tf import models
 from melanoma_tf.cli import run_main
+from melanoma_tf.evaluation import evaluate
 from melanoma_tf.files import write_json
 from melanoma_tf.runs import RunError, resolve_stage_dir
 
@@ -123,8 +124,6 @@ def main(argv: Optional[list[str]] = None) -> int:
                 raise RunError(f"--coefficients {args.coefficients}: not a comma-separated list of numbers") from None
         out = make_soup(args.runs, args.out, coefficients)
         if args.evaluate:
-            from melanoma_tf.evaluation import evaluate
-
             return f"soup: {out}; report: {evaluate(str(out))}"
         return f"soup: {out}"
 
