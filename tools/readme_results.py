@@ -38,7 +38,7 @@ def headline_table(metrics: dict) -> str:
     best = max(baselines, key=lambda name: models[name]["roc_auc"])
     rows = [("**shipped int8 student** (microcontroller, Pi)", shipped),
             ("fp16 student (the phone app's)", "distilled student fp16 (TFLite)"),
-            ("tiny int8 student (512 KB-class boards)", next(n for n in models if n.startswith("tiny student"))),
+            ("tiny int8 student, distilled (512 KB-class boards; file: next reference run)", next(n for n in models if n.startswith("tiny student"))),
             (f"best baseline ({best.removeprefix('baseline ')}, colour/texture features)", best)]
     lines = ["| model | HAM10000 holdout ROC-AUC [95% CI] | sens / spec | ISIC 2017 ROC-AUC [95% CI] | "
              "ISIC sens / spec | ISIC ECE | size MB |", "|---|---|---|---|---|---|---|"]
