@@ -92,7 +92,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             row = score_split(split, args.bootstrap)
         except RunError as err:  # e.g. the random split: every seed draws its own holdout, so no soup
             skipped[split.name] = str(err).replace(str(args.yardstick.parent) + "/", "")
-            print(f"{split.name}: no soup: {err}", file=sys.stderr)
+            print(f"{split.name}: no soup: {skipped[split.name]}", file=sys.stderr)
             continue
         if row:
             rows.append(row)
