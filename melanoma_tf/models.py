@@ -14,7 +14,7 @@ from typing import Optional
 
 from melanoma_tf import efficientnet_lite, pretrained, resnet
 from melanoma_tf.backend import keras, tf
-from melanoma_tf.config import ConfigError, StudentConfig, TeacherConfig
+from melanoma_tf.config import TEACHER_PACKAGES, ConfigError, StudentConfig, TeacherConfig
 from melanoma_tf.mobilenet_v3 import load_backbone_weights, mobilenet_v3_small  # registers HardSwish / HardSigmoid
 
 # ResNet50's residual blocks, bottom to top; "finetune the top N blocks" counts from the end.
@@ -216,8 +216,7 @@ def build_teacher(cfg: TeacherConfig, image_size: int, num_outputs: int = 1,
       num_outputs: 1 (binary) or 7 (multiclass).
       colour_constancy: ``none`` or ``shades_of_grey`` (a :class:`ShadesOfGrey` layer at the input).
     """
-    weights = (cfg.weights if cfg.weights in efficientnet_lite.PACKAGES or cfg.weights == resnet.PACKAGE
-               else _resolve_weights(cfg.weights, "teacher.weights"))
+    weights = cfg.weights if cfg.weights in TEACHER_PACKAGES else _resolve_weights(cfg.weights, "teacher.weights")
     image, pixels = model_input(image_size, colour_constancy)
     if cfg.arch == "densenet121":
         backbone = _densenet121(pixels, weights, cfg.bn_momentum)
@@ -225,7 +224,7 @@ def build_teacher(cfg: TeacherConfig, image_size: int, num_outputs: int = 1,
         backbone = _mobilenet_v2(pixels, weights, cfg.bn_momentum)
     elif cfg.arch in efficientnet_lite.VARIANTS:
         backbone = _efficientnet_lite(pixels, cfg.arch, weights, cfg.bn_momentum)
-    elif _is_torch_resnet_weights(weights) or (cfg.arch != "resnet50" and weights != "imagenet"):
+    elif _is_torch_resnet_weights(weights):  # torchvision's layout; imagenet, .h5 and null: keras.applications
         backbone = _torch_resnet(pixels, cfg.arch, weights, cfg.bn_momentum)
     else:
         if _is_foreign_weights(weights):

@@ -25,8 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from melanoma_tf import metrics as M  # noqa: E402
+from melanoma_tf.evaluation import evaluate  # noqa: E402
 from melanoma_tf.files import write_atomic, write_json  # noqa: E402
 from melanoma_tf.runs import RunError  # noqa: E402
+from melanoma_tf.soup import make_soup  # noqa: E402
 
 
 def _predictions(eval_dir: Path, external: Optional[str]) -> pd.DataFrame:
@@ -36,9 +38,6 @@ def _predictions(eval_dir: Path, external: Optional[str]) -> pd.DataFrame:
 
 def score_split(split_dir: Path, n_boot: int) -> Optional[dict]:
     """The row of one split; None if it has fewer than two finished seeds."""
-    from melanoma_tf.evaluation import evaluate
-    from melanoma_tf.soup import make_soup
-
     seeds = sorted(d for d in split_dir.glob("seed*") if (d / "eval_holdout" / "metrics.json").is_file())
     if len(seeds) < 2:
         return None
