@@ -138,3 +138,46 @@ def relation_matrix_plot(path: Path, similarity: np.ndarray, labels: np.ndarray,
     ax.set_title(title, fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="cosine similarity")
     return save(fig, path)
+
+
+def heatmap_plot(path: Path, values: np.ndarray, rows: list, columns: list, labels: list[list[str]],
+                 xlabel: str, ylabel: str, title: str, centre: float | None = None) -> str:
+    """A grid of values (NaN: not measured) with a text label in every cell; diverging colours around ``centre``."""
+    fig, ax = plt.subplots(figsize=(1.3 * len(columns) + 1.5, 0.9 * len(rows) + 1.2))
+    masked = np.ma.masked_invalid(values)
+    finite = values[np.isfinite(values)]
+    if centre is not None and finite.size:
+        span = max(float(np.abs(finite - centre).max()), 1e-3)
+        image = ax.imshow(masked, cmap="RdBu", vmin=centre - span, vmax=centre + span, aspect="auto")
+    else:
+        image = ax.imshow(masked, cmap="viridis", aspect="auto")
+    for i in range(len(rows)):
+        for j in range(len(columns)):
+            ax.text(j, i, labels[i][j], ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(len(columns)), [str(c) for c in columns])
+    ax.set_yticks(range(len(rows)), [str(r) for r in rows])
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    return save(fig, path)
+
+
+def interval_panel(path: Path, groups: dict[str, dict[str, tuple[float, float, float]]], ylabel: str,
+                   title: str) -> str:
+    """Points with 95% intervals side by side: ``{group: {variant: (mean, low, high)}}``."""
+    fig, ax = plt.subplots(figsize=(1.6 * max(len(groups), 1) + 2, 3.5))
+    variants = sorted({v for g in groups.values() for v in g})
+    width = 0.8 / max(len(variants), 1)
+    for k, variant in enumerate(variants):
+        xs, means, errors = [], [], [[], []]
+        for i, values in enumerate(groups.values()):
+            if variant in values:
+                mean, low, high = values[variant]
+                xs.append(i - 0.4 + width * (k + 0.5))
+                means.append(mean)
+                errors[0].append(mean - low)
+                errors[1].append(high - mean)
+        ax.errorbar(xs, means, yerr=errors, fmt="o", capsize=3, label=variant)
+    ax.set_xticks(range(len(groups)), list(groups))
+    ax.set(ylabel=ylabel, title=title)
+    ax.legend(fontsize=7)
+    return save(fig, path)

@@ -17,7 +17,8 @@ ISIC 2017 by default) are scored beside each model and reported, never used to c
 Each (split, seed) is an ordinary run folder ``<out>/<split>/seed<k>`` trained by
 ``python -m melanoma_tf.train --run-dir``: a finished one is never run again, a killed
 one continues from its last epoch, so the command is resumable and can run in the
-background. ``--compare`` puts two yardsticks side by side with paired differences
+background. ``{split}`` in a ``--set`` value is replaced by the split a run holds out
+(``distill.teacher=runs/teachers/{split}``: a teacher trained without that clinic either). ``--compare`` puts two yardsticks side by side with paired differences
 (the same held-out images and seeds), bootstrapped over lesions. Writes
 ``yardstick.md`` / ``.json`` / ``runs.csv``; the last line printed is
 ``yardstick: <folder>``.
@@ -49,6 +50,7 @@ from melanoma_tf.sweep_ray import run_with_ray
 
 log = logging.getLogger("melanoma_tf.yardstick")
 RANDOM = "random"  # the split name of the random lesion-grouped holdout
+SPLIT_FIELD = "{split}"  # in a --set value: replaced by the split each run holds out
 
 
 class YardstickError(MelanomaTfError, ValueError):
@@ -135,7 +137,8 @@ def train_command(plan: Plan, root: Path, split: str, seed: int) -> list[str]:
     """The ordinary training command of one (split, seed), evaluating its holdout and external sets after."""
     command = [sys.executable, "-m", "melanoma_tf.train", "--config", str(plan.config),
                "--run-dir", str(run_folder(root, split, seed))]
-    sets = list(plan.overrides) + [f"seed={seed}", "output.evaluate=true"]
+    # "{split}" in a value names the held-out split: a teacher per clinic that never saw it either.
+    sets = [item.replace(SPLIT_FIELD, split) for item in plan.overrides] + [f"seed={seed}", "output.evaluate=true"]
     if split != RANDOM:
         sets.append(f"data.holdout_source={split}")
     for item in sets:

@@ -53,6 +53,9 @@ def test_clinics_are_chosen_by_their_melanomas_and_bad_plans_are_refused(clinics
     assert command[command.index("--run-dir") + 1] == str(tmp_path / "clinic_b" / "seed2")
     assert "data.holdout_source=clinic_b" in command and "seed=2" in command and "output.evaluate=true" in command
     assert not any(c.startswith("data.holdout_source") for c in Y.train_command(plan, tmp_path, "random", 1))
+    per_split = Y.make_plan(CONFIG, tiny(clinics_root, tmp_path, "distill.teacher=/t/{split}/seed*"), [1])
+    assert "distill.teacher=/t/clinic_b/seed*" in Y.train_command(per_split, tmp_path, "clinic_b", 1)
+    assert "distill.teacher=/t/random/seed*" in Y.train_command(per_split, tmp_path, "random", 1)
     with pytest.raises(Y.YardstickError, match=r"'clinic_x' is not a value of 'clinic'.*clinic_a"):
         Y.make_plan(CONFIG, tiny(clinics_root, tmp_path), [1], clinics=["clinic_x"])
     with pytest.raises(Y.YardstickError, match="no column 'site'"):

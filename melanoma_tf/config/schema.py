@@ -169,6 +169,9 @@ class DistillConfig:
     teacher: tuple[str, ...] = ()
     teacher_outputs: Literal["online", "cached"] = "online"
     teacher_tta: bool = False  # cached logits averaged over the four flips of each image
+    # a folder shared by runs (a sweep, a grid): cached logits kept per teacher file and resolution, reused
+    # by every run with the same training images
+    teacher_cache: Optional[str] = None
     method: Literal["kd", "relational"] = "kd"  # relational: the `relational` section (CRCKD, CRD, SP, FitNet)
 
 

@@ -137,8 +137,9 @@ class LogitKD(Method):
         size = teachers.teacher_resolution(self.teacher_paths, self.cfg)
         teacher = teachers.load_teacher(self.teacher_paths, size)
         if self.cfg.distill.teacher_outputs == "cached":
-            self.cached = teachers.cache_teacher_logits(teacher, data, self.cfg, folder, size,
-                                                        self.cfg.distill.teacher_tta)
+            self.cached = teachers.cache_teacher_logits(
+                teacher, data, self.cfg, folder, size, self.cfg.distill.teacher_tta,
+                teachers.shared_cache_file(self.cfg, self.teacher_paths, size))
         self.teacher_scores = teachers.teacher_validation(teacher, size, data, self.cfg)
 
     def summary(self) -> dict:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import logging
 import time
 import zipfile
@@ -22,7 +24,24 @@ log = logging.getLogger("melanoma_tf.train")
 
 
 def resolve_teacher_paths(paths: tuple[str, ...]) -> list[Path]:
-    return [resolve_teacher_path(p) for p in paths]
+    """Each entry's teacher file; an entry with ``*``, ``?`` or ``[`` names every matching run folder or
+    ``.keras`` file (sorted): an ensemble.
+
+    Raises:
+      ConfigError: a pattern matches nothing, or an entry holds no teacher model.
+    """
+    found = []
+    for entry in paths:
+        if not any(c in entry for c in "*?["):
+            found.append(resolve_teacher_path(entry))
+            continue
+        # folders (runs) and .keras files; a run's log or config beside them is not a teacher
+        matches = sorted(str(m) for m in Path("/").glob(str(Path(entry).expanduser().absolute())[1:])
+                         if m.is_dir() or m.suffix == ".keras")
+        if not matches:
+            raise ConfigError(f"distill.teacher: {entry} matches no run folder or .keras file")
+        found.extend(resolve_teacher_path(m) for m in matches)
+    return found
 
 
 def resolve_teacher_path(path: str) -> Path:
@@ -110,8 +129,43 @@ def teacher_input_size(paths: list[Path]) -> int:
 _TTA_FLIPS = ((False, False), (True, False), (False, True), (True, True))
 
 
+def shared_cache_file(cfg: Config, paths: list[Path], image_size: int) -> Optional[Path]:
+    """Where ``distill.teacher_cache`` keeps these teachers' logits at ``image_size`` (None: no shared cache).
+
+    The name hashes each teacher file's absolute path, size and modification time, the resolution and
+    TTA: a teacher trained again at the same path gets a new file.
+    """
+    if not cfg.distill.teacher_cache:
+        return None
+    key = [[str(Path(p).resolve()), Path(p).stat().st_size, Path(p).stat().st_mtime_ns] for p in paths]
+    text = json.dumps([key, int(image_size), bool(cfg.distill.teacher_tta)])
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return Path(cfg.distill.teacher_cache).expanduser() / f"teacher_logits_{digest}.npz"
+
+
+def _saved_logits(path: Optional[Path], image_ids: list[str]) -> Optional[np.ndarray]:
+    """The logits in ``path`` if it covers exactly ``image_ids``, decoded as this release decodes; else None."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        saved = np.load(path, allow_pickle=False)
+        matches = (list(saved["image_id"]) == image_ids and "decoding" in saved.files
+                   and str(saved["decoding"]) == DECODING)
+        return saved["logits"] if matches else None
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:  # a damaged cache is computed again
+        log.warning("%s: unreadable cached teacher logits (%s); computing them again", path, err)
+        return None
+
+
+def _save_logits(path: Path, image_ids: list[str], logits: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.stem}.{os.getpid()}.tmp.npz"
+    np.savez(tmp, image_id=np.array(image_ids), logits=logits, decoding=np.array(DECODING))
+    tmp.replace(path)
+
+
 def cache_teacher_logits(teacher, data: PreparedData, cfg: Config, folder: Path, image_size: Optional[int] = None,
-                         tta: bool = False) -> np.ndarray:
+                         tta: bool = False, shared: Optional[Path] = None) -> np.ndarray:
     """Teacher logits for every training image, without augmentation (offline KD).
 
     Stored as ``teacher_logits.npz`` (image_id, logits) in the stage folder and
@@ -122,22 +176,27 @@ def cache_teacher_logits(teacher, data: PreparedData, cfg: Config, folder: Path,
       image_size: the resolution the teacher sees (default ``data.image_size``):
         a 224 px teacher should see 224 px images, not the student's upsampled ones.
       tta: average the logits over the four flips of each image.
+      shared: a file of :func:`shared_cache_file`, read when it covers the same training images
+        (the runs of a sweep or grid share one teacher), written after computing.
     """
     train = data.part("train")
+    ids = train["image_id"].tolist()
     path = folder / "teacher_logits.npz"
-    if path.is_file():
-        saved = np.load(path, allow_pickle=False)
-        # Logits of pixels decoded another way (an older release) are computed again.
-        if (list(saved["image_id"]) == train["image_id"].tolist() and "decoding" in saved.files
-                and str(saved["decoding"]) == DECODING):
-            return saved["logits"]
+    # Logits of pixels decoded another way (an older release) are computed again.
+    for source in (path, shared):
+        logits = _saved_logits(source, ids)
+        if logits is not None:
+            if source != path:
+                log.info("teacher logits for %d training images taken from %s", len(ids), source)
+                _save_logits(path, ids, logits)
+            return logits
     start = time.time()
     logits = _logits(teacher, train, cfg, image_size or cfg.data.image_size, tta)
     log.info("cached teacher logits for %d training images at %d px%s in %.1fs", len(train),
              image_size or cfg.data.image_size, " (4-flip TTA)" if tta else "", time.time() - start)
-    tmp = folder / ".teacher_logits.tmp.npz"
-    np.savez(tmp, image_id=np.array(train["image_id"].tolist()), logits=logits, decoding=np.array(DECODING))
-    tmp.replace(path)
+    _save_logits(path, ids, logits)
+    if shared is not None:
+        _save_logits(shared, ids, logits)
     return logits
 
 
@@ -184,4 +243,5 @@ def teacher_logits(paths: list[Path], data: PreparedData, cfg: Config, folder: P
         if list(saved["image_id"]) == data.part("train")["image_id"].tolist():
             return saved["logits"]
     size = teacher_resolution(paths, cfg)
-    return cache_teacher_logits(load_teacher(paths, size), data, cfg, folder, size, cfg.distill.teacher_tta)
+    return cache_teacher_logits(load_teacher(paths, size), data, cfg, folder, size, cfg.distill.teacher_tta,
+                                shared_cache_file(cfg, paths, size))

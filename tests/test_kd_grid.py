@@ -1,0 +1,208 @@
+"""The proposal's KD grid: its file checked, its points in order, teachers per clinic, the scores of each cell."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import REPO
+from melanoma_tf import metrics as M
+from melanoma_tf import synthetic
+
+sys.path.insert(0, str(REPO / "tools"))
+import kd_grid as G  # noqa: E402
+
+CLINICS = ["clinic_a", "clinic_b"]
+
+
+def _grid_file(tmp_path: Path, **changes) -> Path:
+    values = yaml.safe_load((REPO / "configs" / "kd_grid.yaml").read_text())
+    values["config"] = str(REPO / "configs" / values["config"])
+    values["clinics"] = CLINICS
+    values.update(changes)
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def _fake_point(out: Path, point: G.Point, quality: float, seeds=(1, 2), n: int = 120) -> None:
+    """Finished runs of ``point``: predictions whose ROC-AUC grows with ``quality``, the same images per clinic."""
+    root = out / point.name
+    for c, clinic in enumerate(CLINICS):
+        labels = np.random.default_rng(c).random(n) < 0.3
+        for seed in seeds:
+            noise = np.random.default_rng(100 * c + seed).normal(size=n)
+            folder = root / clinic / f"seed{seed}" / "eval_holdout"
+            (folder / "external" / "isic2017").mkdir(parents=True, exist_ok=True)
+            frame = pd.DataFrame({"image_id": [f"{clinic}_{i}" for i in range(n)],
+                                  "lesion_id": [f"{clinic}_L{i // 2}" for i in range(n)], "label": labels.astype(int),
+                                  "probability": 1 / (1 + np.exp(-(quality * labels + noise)))})
+            frame.to_csv(folder / "predictions.csv", index=False)
+            isic_labels = np.random.default_rng(99).random(n) < 0.2  # the same external images for every model
+            isic = pd.DataFrame({"image_id": [f"isic_{i}" for i in range(n)], "label": isic_labels.astype(int),
+                                 "probability": 1 / (1 + np.exp(-(quality * isic_labels - noise)))})
+            isic.assign(lesion_id=isic["image_id"]).to_csv(folder / "external" / "isic2017" / "predictions.csv",
+                                                          index=False)
+            auc = M.roc_auc(frame["label"], frame["probability"])
+            (folder / "metrics.json").write_text(json.dumps({"roc_auc": auc, "n_images": n}))
+    (root / "plan.json").write_text(json.dumps({"clinics": CLINICS, "reported": [], "seeds": list(seeds),
+                                                "random_split": False}))
+
+
+def test_a_bad_grid_file_is_refused_naming_the_key(tmp_path):
+    assert G.load_grid(_grid_file(tmp_path)).alphas == [0.1, 0.3, 0.5, 0.7, 0.9]
+    cases = [({"design": [{"phase": "t_alpha", "losses": ["hinge"]}]}, r"design\[0\]: loss\(es\) \['hinge'\]"),
+             ({"design": [{"phase": "t_alpha", "alphas": [0.2]}]}, r"design\[0\]: alphas \[0.2\] are not on"),
+             ({"design": [{"phase": "sideways"}]}, r"design\[0\]: phase must be one of"),
+             ({"config": "nowhere.yaml"}, "config: no file"), ({"colour": 1}, r"unknown key\(s\) \['colour'\]")]
+    for changes, message in cases:
+        with pytest.raises(G.GridError, match=message):
+            G.load_grid(_grid_file(tmp_path, **changes))
+    values = yaml.safe_load(_grid_file(tmp_path).read_text())
+    del values["seeds"]
+    (tmp_path / "no_seeds.yaml").write_text(yaml.safe_dump(values))
+    with pytest.raises(G.GridError, match=r"no_seeds.yaml: missing key\(s\) \['seeds'\]"):
+        G.load_grid(tmp_path / "no_seeds.yaml")
+
+
+def test_points_come_in_the_design_order_and_pooling_follows_the_best_kd_point(tmp_path):
+    grid = G.load_grid(_grid_file(tmp_path))
+    out = tmp_path / "runs"
+    points = G.expand(grid, out)
+    names = [p.name for p in points]
+    assert names[:10] == (["nokd-bce-avg"] + [f"kd-bce-T{t}-a0.5-avg" for t in (1, 2, 4, 8)]
+                          + [f"kd-bce-T2-a{a}-avg" for a in (0.1, 0.3, 0.7, 0.9)] + ["nokd-bce-max"])
+    assert names[10:12] == ["nokd-wbce-avg", "nokd-focal-avg"]
+    full = {f"kd-bce-T{t}-a{a}-avg" for t in (1, 2, 4, 8) for a in (0.1, 0.3, 0.5, 0.7, 0.9)}
+    assert set(names[:24]) - {"nokd-bce-avg", "nokd-bce-max", "nokd-wbce-avg", "nokd-focal-avg"} == full
+    assert "kd-wbce-T8-a0.9-avg" in names and "kd-wbce-T2-a0.3-avg" not in names  # the fractional part
+    assert names[-2:] == ["nokd-wbce-max", "nokd-focal-max"] and len(set(names)) == len(names) == 50
+    # Once KD points of bce have finished, the best of them is rerun with max pooling.
+    _fake_point(out, G.Point("t_alpha", "bce", "avg", 2.0, 0.5), quality=1.0)
+    _fake_point(out, G.Point("t_alpha", "bce", "avg", 4.0, 0.1), quality=2.5)
+    _fake_point(out, G.Point("t_alpha", "bce", "avg", 8.0, 0.9), quality=3.0, seeds=(1,))  # not finished
+    assert G.best_kd_point(out, grid, "bce").name == "kd-bce-T4-a0.1-avg"
+    assert "kd-bce-T4-a0.1-max" in [p.name for p in G.expand(grid, out)]
+    assert G.best_kd_point(out, grid, "focal") is None
+
+    kd = G.overrides(grid, G.Point("t_alpha", "wbce", "avg", 4.0, 0.3), Path("/t"), out)
+    assert "stages=[distill]" in kd and "distill.teacher=/t/{split}/seed*" in kd and "distill.alpha=0.3" in kd
+    assert "distill.temperature=4" in kd and "loss.name=wbce" in kd and "student.pooling=avg" in kd
+    assert f"distill.teacher_cache={out / 'teacher_cache'}" in kd
+    plain = G.overrides(grid, G.Point("reference", "focal", "max"), Path("/t"), out)
+    assert "stages=[student]" in plain and not any(s.startswith("distill.") for s in plain)
+
+
+def test_teachers_must_exist_for_every_clinic_and_must_not_have_seen_it(tmp_path):
+    grid = G.load_grid(_grid_file(tmp_path))
+    teachers = tmp_path / "teachers"
+    for clinic, held_out in (("clinic_a", "clinic_a"), ("clinic_b", "clinic_a")):
+        (teachers / clinic / "seed1").mkdir(parents=True)
+        (teachers / clinic / "seed1" / "model.keras").write_bytes(b"")
+        (teachers / clinic / "seed1" / "config.yaml").write_text(yaml.safe_dump({"data": {"holdout_source":
+                                                                                          held_out}}))
+    with pytest.raises(G.GridError, match=r"clinic_b/seed1: trained with data.holdout_source='clinic_a'"):
+        G.check_teachers(teachers, grid)
+    with pytest.raises(G.GridError, match=r"no clinic_a/seed\*/model.keras"):
+        G.check_teachers(tmp_path / "elsewhere", grid)
+
+
+def test_each_cell_is_scored_with_an_interval_and_paired_with_its_no_kd_row(tmp_path):
+    grid = G.load_grid(_grid_file(tmp_path))
+    out = tmp_path / "runs"
+    reference, better = G.Point("reference", "bce"), G.Point("t_alpha", "bce", "avg", 2.0, 0.5)
+    _fake_point(out, reference, quality=1.0)
+    _fake_point(out, better, quality=2.0)
+    row = G.score_point(out, better, grid, n_boot=200)
+    aucs = {c: [json.loads((out / better.name / c / f"seed{s}" / "eval_holdout" / "metrics.json").read_text())
+                ["roc_auc"] for s in (1, 2)] for c in CLINICS}
+    assert row["loco_mean"] == pytest.approx(np.mean(list(aucs.values())))
+    assert row["clinic_a"] == pytest.approx(np.mean(aucs["clinic_a"]))
+    assert row["loco_low"] < row["loco_mean"] < row["loco_high"] and row["runs"] == 4
+    base = G.score_point(out, reference, grid, n_boot=200)
+    assert row["vs_nokd"] == pytest.approx(row["loco_mean"] - base["loco_mean"]) and row["vs_nokd_low"] > 0
+    isic = [pd.read_csv(out / better.name / c / f"seed{s}" / "eval_holdout" / "external" / "isic2017" /
+                        "predictions.csv") for c in CLINICS for s in (1, 2)]
+    assert row["isic2017_mean"] == pytest.approx(np.mean([M.roc_auc(f["label"], f["probability"]) for f in isic]))
+    assert row["isic2017_low"] < row["isic2017_mean"] < row["isic2017_high"]
+    assert "vs_nokd" not in base
+
+    md = G.write_results(grid, out, tmp_path / "results", n_boot=100)
+    text = md.read_text()
+    assert "2 of 51 planned points finished" in text and "t_alpha_bce.png" in text
+    assert f"{row['loco_mean']:.3f}" in text and f"{row['vs_nokd']:+.3f}" in text
+    assert "Not finished yet (49)" in text and (tmp_path / "results" / "t_alpha_bce.png").stat().st_size > 1000
+    assert str(tmp_path) not in text + (tmp_path / "results" / "grid.csv").read_text()
+
+
+@pytest.mark.slow
+def test_a_tiny_grid_trains_with_each_clinics_own_teacher_and_resumes(tmp_path, capsys):
+    """The grid: a no-KD row and one KD point, each holding out two clinics, each run with that clinic's teacher."""
+    root = synthetic.generate(tmp_path / "data", n_lesions=90, melanoma_fraction=0.4, image_size=40, seed=3)
+    meta = pd.read_csv(root / "HAM10000_metadata.csv")
+    lesions = sorted(meta["lesion_id"].unique())
+    meta["clinic"] = meta["lesion_id"].map({lesion: CLINICS[i % 2] for i, lesion in enumerate(lesions)})
+    meta.to_csv(root / "HAM10000_metadata.csv", index=False)
+    tiny = [f"data.root={root}", "data.image_size=32", "data.augment.rotation=0.0", "student.weights=null",
+            "student.minimalistic=true", "student.alpha=0.75", "student.bn_reestimate_images=0",
+            "train.epochs=1", "train.batch_size=32", "train.verbose=0", "train.warmup_epochs=0",
+            "data.source_column=clinic", "data.external=[]"]
+    teachers = tmp_path / "teachers"  # one small model per clinic, trained elsewhere without it
+    for k, clinic in enumerate(CLINICS):
+        _small_teacher(teachers / clinic / "seed1" / "model.keras", seed=k)
+        (teachers / clinic / "seed1" / "config.yaml").write_text(yaml.safe_dump({"data": {"holdout_source": clinic}}))
+    grid_file = _grid_file(tmp_path, seeds=[1], design=[{"phase": "reference", "losses": ["bce"]},
+                                                          {"phase": "t_alpha", "losses": ["bce"],
+                                                           "temperatures": [2], "alphas": [0.5]}])
+    values = yaml.safe_load(grid_file.read_text())
+    values["config"] = str(tmp_path / "point.yaml")
+    (tmp_path / "point.yaml").write_text(yaml.safe_dump({"base": str(REPO / "configs" / "kd_grid_student.yaml"),
+                                                         **_nested(tiny)}))
+    grid_file.write_text(yaml.safe_dump(values))
+    out = tmp_path / "grid"
+    assert G.main(["--grid", str(grid_file), "--teachers", str(teachers), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"grid: {out} (2 point(s) run)"
+    for clinic in CLINICS:
+        run = out / "kd-bce-T2-a0.5-avg" / clinic / "seed1"
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        assert config["distill"]["teacher"] == [str(teachers / clinic / "seed*")]
+        assert config["data"]["holdout_source"] == clinic
+        assert (run / "teacher_logits.npz").is_file()
+    assert len(list((out / "teacher_cache").glob("teacher_logits_*.npz"))) == 2  # one teacher per clinic
+    logs = {p: p.stat().st_size for p in out.rglob("seed*.log")}
+    assert G.main(["--grid", str(grid_file), "--teachers", str(teachers), "--out", str(out)]) == 0
+    assert {p: p.stat().st_size for p in out.rglob("seed*.log")} == logs  # finished: nothing trained again
+    assert G.main(["--grid", str(grid_file), "--out", str(out), "--summarise", "--results",
+                   str(tmp_path / "results"), "--bootstrap", "50"]) == 0
+    table = pd.read_csv(tmp_path / "results" / "grid.csv").set_index("point")
+    assert list(table.index) == ["nokd-bce-avg", "kd-bce-T2-a0.5-avg"]
+    assert np.isfinite(table.loc["kd-bce-T2-a0.5-avg", "vs_nokd"])
+
+
+def _nested(items: list[str]) -> dict:
+    """``a.b=c`` overrides as a nested YAML mapping."""
+    out: dict = {}
+    for item in items:
+        key, value = item.split("=", 1)
+        *parents, last = key.split(".")
+        node = out
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[last] = yaml.safe_load(value)
+    return out
+
+
+def _small_teacher(path: Path, seed: int) -> None:
+    from melanoma_tf.backend import keras
+
+    image = keras.Input((32, 32, 3), name="image")
+    pooled = keras.layers.GlobalAveragePooling2D()(keras.layers.Rescaling(1 / 255)(image))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    keras.Model(image, keras.layers.Dense(1, kernel_initializer=keras.initializers.RandomNormal(seed=seed))(pooled)
+                ).save(path)

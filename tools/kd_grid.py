@@ -1,0 +1,437 @@
+"""The proposal's grid: KD temperature x alpha x loss x pooling, every point a leave-one-clinic-out yardstick.
+
+    python tools/kd_grid.py --grid configs/kd_grid.yaml --teachers FOLDER [--out runs/kd_grid]
+        [--max-points N] [--plan-only]
+    python tools/kd_grid.py --grid configs/kd_grid.yaml --summarise [--out runs/kd_grid]
+        [--results results/kd_grid]
+
+``--teachers`` is a yardstick folder (``python -m melanoma_tf.yardstick``) holding
+``<clinic>/seed<k>`` runs for every clinic of the grid: a run holding out a clinic distils
+the logit mean of that clinic's teacher models, which never saw it either. The design
+(``design:`` in the grid file) is a list of phases, expanded in order into points:
+``reference`` (no-KD students, one per loss), ``t_alpha`` (temperature x alpha for the
+losses named) and ``pooling`` (max pooling at each loss's no-KD row and at its best KD
+point so far, chosen on the leave-one-clinic-out mean). Each point is a yardstick folder
+``<out>/<point>``: finished runs are never trained again and a killed one continues, so the
+grid resumes where it stopped. The teacher's cached logits are computed once per clinic
+(``distill.teacher_cache``).
+
+``--summarise`` scores every point trained so far: the leave-one-clinic-out mean with a
+95% interval (lesions resampled in every held-out clinic, all seeds scored on each resample),
+the paired difference from the no-KD row of the same loss and pooling, ISIC 2017 (the
+run's external set: reported, never chosen on) with its interval; it writes ``grid.md``,
+``grid.csv``, a temperature x alpha heatmap per loss and a pooling panel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from melanoma_tf import metrics as M
+from melanoma_tf import plots
+from melanoma_tf import yardstick as Y
+from melanoma_tf.cli import run_main
+from melanoma_tf.errors import MelanomaTfError
+from melanoma_tf.files import write_atomic, write_json
+
+log = logging.getLogger("melanoma_tf.kd_grid")
+PHASES = ("reference", "t_alpha", "pooling")
+EXTERNAL = "isic2017"
+
+
+class GridError(MelanomaTfError, ValueError):
+    """The grid file or its teachers cannot be used as asked; the message names the file and key."""
+
+
+@dataclass(frozen=True)
+class Point:
+    """One grid point: a loss, a pooling and (for KD) a temperature and an alpha; no KD when alpha is None."""
+
+    phase: str
+    loss: str
+    pooling: str = "avg"
+    temperature: Optional[float] = None
+    alpha: Optional[float] = None
+
+    @property
+    def kd(self) -> bool:
+        return self.alpha is not None
+
+    @property
+    def name(self) -> str:
+        if not self.kd:
+            return f"nokd-{self.loss}-{self.pooling}"
+        return f"kd-{self.loss}-T{self.temperature:g}-a{self.alpha:g}-{self.pooling}"
+
+    @property
+    def reference(self) -> "Point":
+        """The no-KD point this one is compared with: same loss and pooling."""
+        return Point("reference", self.loss, self.pooling)
+
+
+@dataclass
+class Grid:
+    """A grid file: the point config, the yardstick's clinics and seeds, the axes and the design."""
+
+    path: Path
+    config: Path
+    seeds: list[int]
+    clinics: list[str]
+    losses: dict[str, list[str]]
+    temperatures: list[float]
+    alphas: list[float]
+    design: list[dict[str, Any]]
+
+
+def load_grid(path: str | Path) -> Grid:
+    """Reads and checks a grid file; every problem names the file and the key."""
+    path = Path(path)
+    try:
+        values = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise GridError(f"{path}: cannot read the grid ({err})") from None
+    if not isinstance(values, dict):
+        raise GridError(f"{path}: the top level must be a mapping")
+    need = ("config", "seeds", "clinics", "losses", "temperatures", "alphas", "design")
+    missing = [k for k in need if k not in values]
+    if missing:
+        raise GridError(f"{path}: missing key(s) {missing}")
+    unknown = sorted(set(values) - set(need))
+    if unknown:
+        raise GridError(f"{path}: unknown key(s) {unknown}; the keys are {list(need)}")
+    config = path.parent / values["config"]
+    if not config.is_file():
+        raise GridError(f"{path}: config: no file {config}")
+    losses = values["losses"]
+    if not isinstance(losses, dict) or not all(isinstance(v, list) for v in losses.values()):
+        raise GridError(f"{path}: losses: a mapping of name -> list of KEY=VALUE overrides")
+    grid = Grid(path, config, [int(s) for s in values["seeds"]], [str(c) for c in values["clinics"]],
+                {str(k): [str(x) for x in v] for k, v in losses.items()},
+                [float(t) for t in values["temperatures"]], [float(a) for a in values["alphas"]],
+                list(values["design"]))
+    for i, phase in enumerate(grid.design):
+        where = f"{path}: design[{i}]"
+        if not isinstance(phase, dict) or phase.get("phase") not in PHASES:
+            raise GridError(f"{where}: phase must be one of {list(PHASES)} (got {phase!r})")
+        bad = [name for name in phase.get("losses", []) if name not in grid.losses]
+        if bad:
+            raise GridError(f"{where}: loss(es) {bad} are not in losses ({list(grid.losses)})")
+        for key, axis in (("temperatures", grid.temperatures), ("alphas", grid.alphas)):
+            outside = [v for v in phase.get(key, []) if float(v) not in axis]
+            if outside:
+                raise GridError(f"{where}: {key} {outside} are not on the grid's axis {axis}")
+    return grid
+
+
+# --------------------------------------------------------------------------- the points
+
+
+def finished_loco(out: Path, point: Point, grid: Grid) -> Optional[float]:
+    """The point's leave-one-clinic-out mean ROC-AUC when every (clinic, seed) has finished, else None."""
+    root = out / point.name
+    values = []
+    for clinic in grid.clinics:
+        for seed in grid.seeds:
+            path = Y.holdout_metrics_path(Y.run_folder(root, clinic, seed))
+            if path is None:
+                return None
+            values.append(json.loads(path.read_text())["roc_auc"])
+    return float(np.mean(values))
+
+
+def best_kd_point(out: Path, grid: Grid, loss: str) -> Optional[Point]:
+    """The finished average-pooling KD point of ``loss`` with the highest leave-one-clinic-out mean."""
+    scored = []
+    for t in grid.temperatures:
+        for a in grid.alphas:
+            point = Point("t_alpha", loss, "avg", t, a)
+            score = finished_loco(out, point, grid)
+            if score is not None:
+                scored.append((score, point))
+    return max(scored, key=lambda s: s[0])[1] if scored else None
+
+
+def expand(grid: Grid, out: Path) -> list[Point]:
+    """The design's points in order, without repeats; the pooling phase looks at the KD points finished so far."""
+    points: list[Point] = []
+    for phase in grid.design:
+        losses = phase.get("losses", list(grid.losses))
+        if phase["phase"] == "reference":
+            points += [Point("reference", loss) for loss in losses]
+        elif phase["phase"] == "t_alpha":
+            temperatures = [float(t) for t in phase.get("temperatures", grid.temperatures)]
+            alphas = [float(a) for a in phase.get("alphas", grid.alphas)]
+            points += [Point("t_alpha", loss, "avg", t, a) for loss in losses for t in temperatures for a in alphas]
+        else:
+            for loss in losses:
+                points.append(Point("pooling", loss, "max"))
+                best = best_kd_point(out, grid, loss)
+                if best is not None:
+                    points.append(Point("pooling", loss, "max", best.temperature, best.alpha))
+    seen, unique = set(), []
+    for point in points:
+        if point.name not in seen:
+            seen.add(point.name)
+            unique.append(point)
+    return unique
+
+
+def overrides(grid: Grid, point: Point, teachers: Path, out: Path) -> list[str]:
+    """The ``--set`` items of one point's yardstick."""
+    sets = list(grid.losses[point.loss]) + [f"student.pooling={point.pooling}"]
+    if not point.kd:
+        return ["stages=[student]"] + sets
+    return ["stages=[distill]", f"distill.teacher={teachers}/{Y.SPLIT_FIELD}/seed*",
+            f"distill.teacher_cache={out / 'teacher_cache'}", f"distill.temperature={point.temperature:g}",
+            f"distill.alpha={point.alpha:g}"] + sets
+
+
+def check_teachers(teachers: Path, grid: Grid) -> None:
+    """Every clinic of the grid has at least one finished teacher model, trained without that clinic."""
+    for clinic in grid.clinics:
+        found = sorted((teachers / clinic).glob("seed*/model.keras"))
+        if not found:
+            raise GridError(f"--teachers {teachers}: no {clinic}/seed*/model.keras (a yardstick holding out "
+                            f"{clinic}, e.g. python -m melanoma_tf.yardstick --clinics {','.join(grid.clinics)})")
+        for model in found:
+            config = yaml.safe_load((model.parent / "config.yaml").read_text()) or {}
+            held_out = (config.get("data") or {}).get("holdout_source")
+            if held_out != clinic:
+                raise GridError(f"{model.parent}: trained with data.holdout_source={held_out!r}, not {clinic!r}: "
+                                "it may have seen the clinic its students are scored on")
+
+
+def run_grid(grid: Grid, teachers: Path, out: Path, max_points: Optional[int] = None, workers: int = 1) -> list[Point]:
+    """Trains the design's points in order (each a yardstick; finished runs skipped); returns those run."""
+    check_teachers(teachers, grid)
+    done: list[Point] = []
+    while max_points is None or len(done) < max_points:
+        pending = [p for p in expand(grid, out) if p.name not in {d.name for d in done}]
+        if not pending:
+            break
+        point = pending[0]
+        log.info("grid point %s (%s): %d point(s) left in the design", point.name, point.phase, len(pending))
+        plan = Y.make_plan(grid.config, overrides(grid, point, teachers, out), grid.seeds, grid.clinics, [],
+                           random_split=False)
+        Y.run_plan(plan, out / point.name, workers)
+        Y.write_table(out / point.name, point.name)
+        write_json(out / point.name / "point.json", {"phase": point.phase, "loss": point.loss,
+                                                     "pooling": point.pooling, "temperature": point.temperature,
+                                                     "alpha": point.alpha, "teachers": teachers.name})
+        done.append(point)
+    return done
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def _predictions(root: Path, clinic: str, seeds: list[int], external: Optional[str] = None) -> list[pd.DataFrame]:
+    frames = []
+    for seed in seeds:
+        path = Y.holdout_metrics_path(Y.run_folder(root, clinic, seed))
+        if path is None:
+            continue
+        file = path.parent / ("predictions.csv" if external is None else f"external/{external}/predictions.csv")
+        if file.is_file():
+            frames.append(pd.read_csv(file).set_index("image_id")[["label", "lesion_id", "probability"]])
+    return frames
+
+
+def mean_auc_interval(groups: list[list[pd.DataFrame]], n_boot: int = 500, seed: int = 0) -> dict:
+    """Mean ROC-AUC over groups (clinics) of the mean over their models (seeds), with a 95% lesion bootstrap.
+
+    Each replicate resamples the lesions of every group once and scores all of its models on that resample.
+    """
+    prepared = []
+    for frames in groups:
+        ids = frames[0].index
+        if any(not f.index.sort_values().equals(ids.sort_values()) for f in frames):
+            raise GridError("the models of one held-out set scored different images: their mean is not paired")
+        y = frames[0].loc[ids, "label"].to_numpy()
+        p = np.stack([f.loc[ids, "probability"].to_numpy() for f in frames])
+        lesions = frames[0].loc[ids, "lesion_id"].to_numpy()
+        members = [np.flatnonzero(lesions == lesion) for lesion in pd.unique(lesions)]
+        prepared.append((y, p, members))
+    point = float(np.mean([np.mean([M.roc_auc(y, row) for row in p]) for y, p, _ in prepared]))
+    rng = np.random.default_rng(seed)
+    replicates = []
+    for _ in range(n_boot):
+        values = []
+        for y, p, members in prepared:
+            rows = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
+            values.append(np.mean([M.roc_auc(y[rows], row[rows]) for row in p]) if 0 < y[rows].sum() < len(rows)
+                          else np.nan)
+        replicates.append(np.mean(values))
+    low, high = np.nanpercentile(replicates, [2.5, 97.5])
+    return {"mean": point, "low": float(low), "high": float(high)}
+
+
+def score_point(out: Path, point: Point, grid: Grid, n_boot: int) -> Optional[dict]:
+    """A point's row: runs finished, LOCO mean and interval, per clinic, ISIC 2017, paired difference from no KD."""
+    root = out / point.name
+    groups = {c: _predictions(root, c, grid.seeds) for c in grid.clinics}
+    if not all(groups.values()):
+        return None
+    row: dict[str, Any] = {"point": point.name, "phase": point.phase, "loss": point.loss, "pooling": point.pooling,
+                           "temperature": point.temperature, "alpha": point.alpha,
+                           "runs": sum(len(v) for v in groups.values())}
+    loco = mean_auc_interval(list(groups.values()), n_boot)
+    row.update(loco_mean=loco["mean"], loco_low=loco["low"], loco_high=loco["high"])
+    for clinic, frames in groups.items():
+        row[clinic] = float(np.mean([M.roc_auc(f["label"].to_numpy(), f["probability"].to_numpy()) for f in frames]))
+    external = [f for c in grid.clinics for f in _predictions(root, c, grid.seeds, EXTERNAL)]
+    if external:
+        ext = mean_auc_interval([external], n_boot)
+        row.update({f"{EXTERNAL}_mean": ext["mean"], f"{EXTERNAL}_low": ext["low"], f"{EXTERNAL}_high": ext["high"]})
+    reference = out / point.reference.name
+    if point.kd and (reference / "plan.json").is_file():
+        try:
+            Y.compare(root, reference, root / "vs_nokd", n_boot)
+            paired = json.loads((root / "vs_nokd" / "compare.json").read_text())["loco_mean"]
+            row.update(vs_nokd=paired.get("difference"), vs_nokd_low=paired.get("low"),
+                       vs_nokd_high=paired.get("high"))
+        except Y.YardstickError as err:
+            log.warning("%s: no paired comparison with %s (%s)", point.name, reference.name, err)
+    return row
+
+
+def score_grid(grid: Grid, out: Path, n_boot: int = 500) -> pd.DataFrame:
+    """Rows of every point of the design (pooling's as chosen so far) that has all its runs finished."""
+    rows = [score_point(out, point, grid, n_boot) for point in expand(grid, out)]
+    return pd.DataFrame([r for r in rows if r is not None])
+
+
+def _cell(row: dict, key: str) -> str:
+    value = row.get(key)
+    if value is None or not np.isfinite(value):
+        return ""
+    return f"{value:.3f} [{row[f'{key[:-5]}_low']:.3f}, {row[f'{key[:-5]}_high']:.3f}]"
+
+
+def _paired(row: dict) -> str:
+    value = row.get("vs_nokd")
+    if value is None or not np.isfinite(value):
+        return ""
+    return f"{value:+.3f} [{row['vs_nokd_low']:+.3f}, {row['vs_nokd_high']:+.3f}]"
+
+
+def heatmaps(table: pd.DataFrame, grid: Grid, folder: Path) -> list[str]:
+    """Temperature x alpha per loss: the paired LOCO difference from no KD (the cell's mean LOCO when unpaired)."""
+    written = []
+    for loss in grid.losses:
+        part = table[(table["loss"] == loss) & (table["pooling"] == "avg") & table["alpha"].notna()]
+        if part.empty:
+            continue
+        values = np.full((len(grid.temperatures), len(grid.alphas)), np.nan)
+        labels = [["" for _ in grid.alphas] for _ in grid.temperatures]
+        for row in part.to_dict("records"):
+            i, j = grid.temperatures.index(row["temperature"]), grid.alphas.index(row["alpha"])
+            values[i, j] = row.get("vs_nokd", np.nan)
+            labels[i][j] = f"{row['loco_mean']:.3f}\n{_paired(row).split(' [')[0]}"
+        written.append(plots.heatmap_plot(
+            folder / f"t_alpha_{loss}.png", values, [f"T={t:g}" for t in grid.temperatures], list(grid.alphas),
+            labels, "alpha (weight of the label loss; 1 - alpha on the teacher)", "temperature",
+            f"{loss}: LOCO ROC-AUC (top) and paired difference from no KD (colour)", centre=0.0))
+    return written
+
+
+def pooling_panel(table: pd.DataFrame, folder: Path) -> Optional[str]:
+    """Average vs max pooling, for each loss's no-KD row and its best KD point."""
+    groups: dict[str, dict[str, tuple[float, float, float]]] = {}
+    for row in table[table["phase"] == "pooling"].to_dict("records"):
+        twin = table[(table["loss"] == row["loss"]) & (table["pooling"] == "avg")
+                     & (table["temperature"].fillna(-1) == (row["temperature"] if row["alpha"] is not None
+                                                             and np.isfinite(row["alpha"]) else -1))
+                     & (table["alpha"].fillna(-1) == (row["alpha"] if row["alpha"] is not None
+                                                       and np.isfinite(row["alpha"]) else -1))]
+        if twin.empty:
+            continue
+        label = f"{row['loss']} no KD" if not np.isfinite(row["alpha"]) else \
+            f"{row['loss']} T={row['temperature']:g} a={row['alpha']:g}"
+        avg = twin.iloc[0]
+        groups[label] = {"avg": (avg["loco_mean"], avg["loco_low"], avg["loco_high"]),
+                         "max": (row["loco_mean"], row["loco_low"], row["loco_high"])}
+    if not groups:
+        return None
+    return plots.interval_panel(folder / "pooling.png", groups, "leave-one-clinic-out ROC-AUC",
+                                "global average vs max pooling")
+
+
+def write_results(grid: Grid, out: Path, folder: Path, n_boot: int = 500) -> Path:
+    """grid.md, grid.csv, the heatmaps and the pooling panel of everything finished so far."""
+    table = score_grid(grid, out, n_boot)
+    folder.mkdir(parents=True, exist_ok=True)
+    planned = expand(grid, out)
+    lines = [f"# KD grid ({grid.path.name}): {len(table)} of {len(planned)} planned points finished", "",
+             f"Each point: `{grid.config.name}` trained with {', '.join(grid.clinics)} held out in turn, seeds "
+             f"{', '.join(map(str, grid.seeds))}; the teacher of each run never saw its held-out clinic. "
+             "LOCO: mean held-out ROC-AUC over clinics and seeds, 95% interval resampling lesions; "
+             "vs no KD: paired difference from the no-KD row of the same loss and pooling (same images, seeds); "
+             f"{EXTERNAL}: mean over the same models, reported, never chosen on.", "",
+             "| point | phase | LOCO ROC-AUC | vs no KD | " + " | ".join(grid.clinics) + f" | {EXTERNAL} |",
+             "|---|---|---|---|" + "---|" * len(grid.clinics) + "---|"]
+    if not table.empty:
+        for row in table.to_dict("records"):
+            lines.append(f"| {row['point']} | {row['phase']} | {_cell(row, 'loco_mean')} | {_paired(row)} | "
+                         + " | ".join(f"{row[c]:.3f}" for c in grid.clinics)
+                         + f" | {_cell(row, f'{EXTERNAL}_mean')} |")
+    waiting = [p.name for p in planned if table.empty or p.name not in set(table["point"])]
+    if waiting:
+        lines += ["", f"Not finished yet ({len(waiting)}): " + ", ".join(waiting)]
+    figures = heatmaps(table, grid, folder) if not table.empty else []
+    panel = pooling_panel(table, folder) if not table.empty else None
+    lines += [""] + [f"![{name}]({name})" for name in figures + ([panel] if panel else [])]
+    write_atomic(folder / "grid.md", "\n".join(lines) + "\n")
+    write_atomic(folder / "grid.csv", table.to_csv(index=False))
+    return folder / "grid.md"
+
+
+# --------------------------------------------------------------------------- command
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python tools/kd_grid.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--grid", required=True, help="the grid file (configs/kd_grid.yaml)")
+    parser.add_argument("--teachers", help="a yardstick folder with <clinic>/seed<k> teacher runs")
+    parser.add_argument("--out", default="runs/kd_grid", help="where the points' yardsticks go")
+    parser.add_argument("--max-points", type=int, help="stop after this many points (resume later)")
+    parser.add_argument("--workers", type=int, default=1, help="training processes at once")
+    parser.add_argument("--plan-only", action="store_true", help="list the points in order, train nothing")
+    parser.add_argument("--summarise", action="store_true", help="score the finished points, train nothing")
+    parser.add_argument("--results", default="results/kd_grid", help="with --summarise: the table's folder")
+    parser.add_argument("--bootstrap", type=int, default=500, help="bootstrap replicates of each interval")
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def work() -> str:
+        grid, out = load_grid(args.grid), Path(args.out).resolve()
+        if args.plan_only:
+            for point in expand(grid, out):
+                state = "finished" if finished_loco(out, point, grid) is not None else "to train"
+                print(f"{point.name}\t{point.phase}\t{state}")
+            return f"grid: {out} (plan only)"
+        if args.summarise:
+            return f"grid results: {write_results(grid, out, Path(args.results), args.bootstrap)}"
+        if not args.teachers:
+            raise GridError("--teachers FOLDER is needed to train (or --plan-only / --summarise)")
+        done = run_grid(grid, Path(args.teachers).resolve(), out, args.max_points, args.workers)
+        return f"grid: {out} ({len(done)} point(s) run)"
+
+    return run_main(work)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
