@@ -141,6 +141,43 @@ def test_each_cell_is_scored_with_an_interval_and_paired_with_its_no_kd_row(tmp_
     assert str(tmp_path) not in text + (tmp_path / "results" / "grid.csv").read_text()
 
 
+def test_archived_points_restore_on_another_machine_with_the_same_scores(tmp_path):
+    grid = G.load_grid(_grid_file(tmp_path))
+    out, archive = tmp_path / "runs", tmp_path / "results" / "points"
+    reference, better = G.Point("reference", "bce"), G.Point("t_alpha", "bce", "avg", 2.0, 0.5)
+    _fake_point(out, reference, quality=1.0)
+    _fake_point(out, better, quality=2.0)
+    # the runs list their images in another order than the archive: restored by image, not by row
+    first = out / better.name / "clinic_a" / "seed2" / "eval_holdout" / "predictions.csv"
+    pd.read_csv(first).iloc[::-1].to_csv(first, index=False)
+    rows = {p.name: G.score_point(out, p, grid, n_boot=100) for p in (reference, better)}
+    for point in (reference, better):
+        assert G.archive_point(out, point, grid, archive).stat().st_size > 1000
+    assert sorted(p.name for p in (archive / "sets").iterdir()) == ["clinic_a.csv", "clinic_b.csv", "isic2017.csv"]
+
+    elsewhere = tmp_path / "elsewhere"
+    assert G.restore_points(grid, elsewhere, archive) == [better.name, reference.name]
+    assert G.finished_loco(elsewhere, better, grid) == pytest.approx(G.finished_loco(out, better, grid))
+    for name, row in rows.items():
+        again = G.score_point(elsewhere, next(p for p in (reference, better) if p.name == name), grid, n_boot=100)
+        for key in ("loco_mean", "loco_low", "loco_high", "clinic_a", "isic2017_mean", "vs_nokd", "vs_nokd_low"):
+            if key in row:
+                assert again[key] == pytest.approx(row[key], abs=1e-6), (name, key)
+    assert G.restore_points(grid, elsewhere, archive) == []  # already there: left alone
+
+    with pytest.raises(G.GridError, match=r"kd-bce-T2-a0.5-avg: clinic_a/seed1 has not finished"):
+        _fake_point(tmp_path / "half", better, quality=2.0, seeds=(2,))
+        G.archive_point(tmp_path / "half", better, grid, archive)
+    (archive / "kd-bce-T4-a0.5-avg.npz").write_bytes(b"cut")
+    with pytest.raises(G.GridError, match=r"kd-bce-T4-a0.5-avg.npz: not a grid point archive"):
+        G.restore_points(grid, tmp_path / "third", archive)
+    (archive / "kd-bce-T4-a0.5-avg.npz").unlink()
+    other = tmp_path / "other"
+    _fake_point(other, reference, quality=1.0, n=80)  # fewer images: another data set
+    with pytest.raises(G.GridError, match=r"sets/clinic_a.csv: lists other images"):
+        G.archive_point(other, reference, grid, archive)
+
+
 @pytest.mark.slow
 def test_a_tiny_grid_trains_with_each_clinics_own_teacher_and_resumes(tmp_path, capsys):
     """The grid: a no-KD row and one KD point, each holding out two clinics, each run with that clinic's teacher."""
@@ -165,8 +202,9 @@ def test_a_tiny_grid_trains_with_each_clinics_own_teacher_and_resumes(tmp_path, 
     (tmp_path / "point.yaml").write_text(yaml.safe_dump({"base": str(REPO / "configs" / "kd_grid_student.yaml"),
                                                          **_nested(tiny)}))
     grid_file.write_text(yaml.safe_dump(values))
-    out = tmp_path / "grid"
-    assert G.main(["--grid", str(grid_file), "--teachers", str(teachers), "--out", str(out)]) == 0
+    out, results = tmp_path / "grid", tmp_path / "results"
+    assert G.main(["--grid", str(grid_file), "--teachers", str(teachers), "--out", str(out),
+                   "--results", str(results)]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == f"grid: {out} (2 point(s) run)"
     for clinic in CLINICS:
         run = out / "kd-bce-T2-a0.5-avg" / clinic / "seed1"
@@ -176,13 +214,24 @@ def test_a_tiny_grid_trains_with_each_clinics_own_teacher_and_resumes(tmp_path, 
         assert (run / "teacher_logits.npz").is_file()
     assert len(list((out / "teacher_cache").glob("teacher_logits_*.npz"))) == 2  # one teacher per clinic
     logs = {p: p.stat().st_size for p in out.rglob("seed*.log")}
-    assert G.main(["--grid", str(grid_file), "--teachers", str(teachers), "--out", str(out)]) == 0
+    assert G.main(["--grid", str(grid_file), "--teachers", str(teachers), "--out", str(out),
+                   "--results", str(results)]) == 0
     assert {p: p.stat().st_size for p in out.rglob("seed*.log")} == logs  # finished: nothing trained again
-    assert G.main(["--grid", str(grid_file), "--out", str(out), "--summarise", "--results",
-                   str(tmp_path / "results"), "--bootstrap", "50"]) == 0
-    table = pd.read_csv(tmp_path / "results" / "grid.csv").set_index("point")
+    assert sorted(p.name for p in (results / "points").glob("*.npz")) == ["kd-bce-T2-a0.5-avg.npz",
+                                                                          "nokd-bce-avg.npz"]
+    assert G.main(["--grid", str(grid_file), "--out", str(out), "--summarise", "--results", str(results),
+                   "--bootstrap", "50"]) == 0
+    table = pd.read_csv(results / "grid.csv").set_index("point")
     assert list(table.index) == ["nokd-bce-avg", "kd-bce-T2-a0.5-avg"]
     assert np.isfinite(table.loc["kd-bce-T2-a0.5-avg", "vs_nokd"])
+    # Another machine with only the committed results: nothing trains, the table is the same.
+    elsewhere = tmp_path / "elsewhere"
+    assert G.main(["--grid", str(grid_file), "--teachers", str(teachers), "--out", str(elsewhere),
+                   "--results", str(results)]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"grid: {elsewhere} (0 point(s) run)"
+    assert not list(elsewhere.rglob("seed*.log"))
+    restored = pd.read_csv(results / "grid.csv").set_index("point")
+    pd.testing.assert_frame_equal(restored, table)
 
 
 def _nested(items: list[str]) -> dict:

@@ -74,7 +74,8 @@ def test_each_clinic_gets_a_head_whose_model_scores_as_reported_and_features_res
     chunks = sorted((out / "features").glob("*/training_*.npz"))
     stamps = {p: p.stat().st_mtime_ns for p in chunks}
     chunks[0].write_bytes(b"cut")
-    assert P.main(_args(root, ext, out)) == 0
+    assert P.main(_args(root, ext, out) + ["--results", str(tmp_path / "results")]) == 0
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["runs.csv", "yardstick.json", "yardstick.md"]
     assert all(p.stat().st_mtime_ns == stamps[p] for p in chunks[1:]) and chunks[0].stat().st_size > 100
     assert json.loads((out / "yardstick.json").read_text())["loco_mean"]["mean"] == pytest.approx(
         summary["loco_mean"]["mean"], abs=1e-4)

@@ -205,19 +205,15 @@ def test_qat_starts_from_activation_ranges_calibrated_on_training_images(trained
     def logit_error():
         return float(np.abs(qat(held, training=False).numpy().ravel() - float_logits).mean())
 
-    # The fixture is trained anew in every session (2 threads: not bit-reproducible) and varies a lot: uncalibrated
-    # vs calibrated logit error was 1.30 -> 0.085, 0.081 -> 0.031, 1.63 -> 0.020 (float logits' spread 0.19) and
-    # 1.18 -> 0.070 (spread 0.13) in four sessions. Calibration must help, and either cut the error five-fold or
-    # leave it within a tenth of the logit scale (the scale floored at half a logit). A correlation says little
-    # about near-constant logits, so it is asserted only where the logits vary.
-    spread = float(float_logits.std())
+    # The fixture trains deterministically on one machine but not bit-identically on another (CPU kernels differ):
+    # uncalibrated vs calibrated mean logit error (float logits' spread; correlation after) measured
+    # 1.77 -> 0.031 (0.45; 0.998) and 1.02 -> 0.040 (0.13; 0.990) on two machines, earlier fixtures
+    # 1.30 -> 0.085, 0.081 -> 0.031, 1.63 -> 0.020, 1.18 -> 0.070. Without calibration `after` equals `before`.
     before = logit_error()
     assert Q.calibrate_ranges(qat, Q.representative_images(cfg, trained_run, 96, 0)) == len(ranges)
     after = logit_error()
-    assert after <= before, (before, after)
-    assert after < 0.2 * before or after < 0.1 * max(spread, 0.5), (before, after, spread)
-    if spread >= 0.5:
-        assert np.corrcoef(qat(held, training=False).numpy().ravel(), float_logits)[0, 1] > 0.98
+    assert after < 0.1 and after < 0.5 * before, (before, after)
+    assert np.corrcoef(qat(held, training=False).numpy().ravel(), float_logits)[0, 1] > 0.97
     lows, highs = np.array([v.numpy() for v in ranges[0::2]]), np.array([v.numpy() for v in ranges[1::2]])
     assert (lows <= 0).all() and (highs >= 0).all() and (highs > lows).all()
     assert not np.isin(highs, [6.0]).any(), "a range still at TF-MOT's start"

@@ -1,7 +1,7 @@
 """The proposal's grid: KD temperature x alpha x loss x pooling, every point a leave-one-clinic-out yardstick.
 
     python tools/kd_grid.py --grid configs/kd_grid.yaml --teachers FOLDER [--out runs/kd_grid]
-        [--max-points N] [--plan-only]
+        [--results results/kd_grid] [--max-points N] [--plan-only]
     python tools/kd_grid.py --grid configs/kd_grid.yaml --summarise [--out runs/kd_grid]
         [--results results/kd_grid]
 
@@ -16,6 +16,12 @@ point so far, chosen on the leave-one-clinic-out mean). Each point is a yardstic
 grid resumes where it stopped. The teacher's cached logits are computed once per clinic
 (``distill.teacher_cache``).
 
+Each finished point is also kept, compactly, in ``<results>/points/<point>.npz`` (every
+run's held-out and ISIC 2017 probabilities and its scalar metrics; the images of each set
+listed once in ``<results>/points/sets/``), and the tables are rewritten. Committed, these
+let the grid continue on another machine: points found there but not in ``--out`` are
+restored into it before anything is trained or scored, so only the missing points train.
+
 ``--summarise`` scores every point trained so far: the leave-one-clinic-out mean with a
 95% interval (lesions resampled in every held-out clinic, all seeds scored on each resample),
 the paired difference from the no-KD row of the same loss and pooling, ISIC 2017 (the
@@ -29,6 +35,7 @@ import argparse
 import json
 import logging
 import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -211,12 +218,21 @@ def check_teachers(teachers: Path, grid: Grid) -> None:
                                 "it may have seen the clinic its students are scored on")
 
 
-def run_grid(grid: Grid, teachers: Path, out: Path, max_points: Optional[int] = None, workers: int = 1) -> list[Point]:
-    """Trains the design's points in order (each a yardstick; finished runs skipped); returns those run."""
+def run_grid(grid: Grid, teachers: Path, out: Path, max_points: Optional[int] = None, workers: int = 1,
+             results: Optional[Path] = None, n_boot: int = 500) -> list[Point]:
+    """Trains the design's points in order (each a yardstick; finished runs skipped); returns those run.
+
+    With ``results``, points archived there are restored first and never trained again; each point
+    that finishes is archived and the tables rewritten.
+    """
     check_teachers(teachers, grid)
+    archive = results / "points" if results else None
+    if archive:
+        restore_points(grid, out, archive)
     done: list[Point] = []
     while max_points is None or len(done) < max_points:
-        pending = [p for p in expand(grid, out) if p.name not in {d.name for d in done}]
+        pending = [p for p in expand(grid, out) if p.name not in {d.name for d in done}
+                   and not (archive and (archive / f"{p.name}.npz").is_file())]
         if not pending:
             break
         point = pending[0]
@@ -228,8 +244,100 @@ def run_grid(grid: Grid, teachers: Path, out: Path, max_points: Optional[int] = 
         write_json(out / point.name / "point.json", {"phase": point.phase, "loss": point.loss,
                                                      "pooling": point.pooling, "temperature": point.temperature,
                                                      "alpha": point.alpha, "teachers": teachers.name})
+        if archive:
+            archive_point(out, point, grid, archive)
+            write_results(grid, out, results, n_boot)
         done.append(point)
     return done
+
+
+# --------------------------------------------------------------------------- archive (the grid across machines)
+
+
+def _archived_sets(folder: Path, clinic: str) -> list[tuple[str, str, Path]]:
+    """(name in the archive, name of its image list, predictions file) of one finished run's scored sets."""
+    return [("holdout", clinic, folder / "predictions.csv"),
+            (EXTERNAL, EXTERNAL, folder / "external" / EXTERNAL / "predictions.csv")]
+
+
+def _image_list(archive: Path, name: str, frame: pd.DataFrame) -> pd.DataFrame:
+    """The archive's list of ``name``'s images (written by the first run archived); ``frame`` must hold the same."""
+    path = archive / "sets" / f"{name}.csv"
+    columns = ["image_id", "label", "lesion_id"]
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, frame[columns].to_csv(index=False))
+    listed = pd.read_csv(path, dtype={"image_id": str, "lesion_id": str})
+    if set(listed["image_id"]) != set(frame["image_id"].astype(str)):
+        raise GridError(f"{path}: lists other images than the run being archived ({len(listed)} vs {len(frame)}): "
+                        "a grid of another data set or split belongs in another --results folder")
+    return listed
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def archive_point(out: Path, point: Point, grid: Grid, archive: Path) -> Path:
+    """``<archive>/<point>.npz``: every run's probabilities per scored set (in the image lists' order), metrics."""
+    root = out / point.name
+    arrays: dict[str, np.ndarray] = {}
+    metrics: dict[str, dict] = {}
+    for clinic in grid.clinics:
+        for seed in grid.seeds:
+            path = Y.holdout_metrics_path(Y.run_folder(root, clinic, seed))
+            if path is None:
+                raise GridError(f"{root}: {clinic}/seed{seed} has not finished; the point cannot be archived")
+            for name, listing, file in _archived_sets(path.parent, clinic):
+                if file.is_file():
+                    frame = pd.read_csv(file, dtype={"image_id": str, "lesion_id": str})
+                    order = _image_list(archive, listing, frame)["image_id"]
+                    arrays[f"{clinic}/seed{seed}/{name}"] = (
+                        frame.set_index("image_id").loc[order, "probability"].to_numpy(np.float32))
+            values = json.loads(path.read_text())
+            metrics[f"{clinic}/seed{seed}"] = {k: v for k, v in values.items() if _number(v) or (
+                isinstance(v, list) and v and all(_number(x) for x in v))}
+    archive.mkdir(parents=True, exist_ok=True)
+    target = archive / f"{point.name}.npz"
+    tmp = archive / f".{point.name}.tmp.npz"
+    np.savez_compressed(tmp, metrics=np.array(json.dumps(metrics, sort_keys=True)), **arrays)
+    tmp.replace(target)
+    return target
+
+
+def restore_points(grid: Grid, out: Path, archive: Path) -> list[str]:
+    """Points archived in ``archive`` but absent from ``out`` written back as finished runs; returns their names."""
+    restored = []
+    for file in sorted(archive.glob("*.npz")):
+        root = out / file.stem
+        if (root / "plan.json").is_file():
+            continue  # this machine's own runs of the point
+        try:
+            with np.load(file, allow_pickle=False) as saved:
+                metrics = json.loads(str(saved["metrics"]))
+                arrays = {key: saved[key] for key in saved.files if key != "metrics"}
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+            raise GridError(f"{file}: not a grid point archive ({err}); delete it to train the point again") from None
+        for run, values in metrics.items():
+            clinic, seed = run.rsplit("/seed", 1)
+            folder = Y.run_folder(root, clinic, int(seed)) / "eval_holdout"
+            for name, listing, target in _archived_sets(folder, clinic):
+                if f"{run}/{name}" not in arrays:
+                    continue
+                images = pd.read_csv(archive / "sets" / f"{listing}.csv", dtype={"image_id": str, "lesion_id": str})
+                probabilities = arrays[f"{run}/{name}"]
+                if len(probabilities) != len(images):
+                    raise GridError(f"{file}: {run}/{name} has {len(probabilities)} values for the "
+                                    f"{len(images)} images of sets/{listing}.csv")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                write_atomic(target, images.assign(probability=probabilities).to_csv(index=False))
+            write_json(folder / "metrics.json", {**values, "restored_from": f"{archive.name}/{file.name}"})
+        write_json(root / "plan.json", {"clinics": grid.clinics, "reported": [], "seeds": grid.seeds,
+                                        "random_split": False, "restored_from": f"{archive.name}/{file.name}"})
+        restored.append(file.stem)
+    if restored:
+        log.info("restored %d finished point(s) from %s: %s", len(restored), archive, ", ".join(restored))
+    return restored
 
 
 # --------------------------------------------------------------------------- scoring
@@ -408,7 +516,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=1, help="training processes at once")
     parser.add_argument("--plan-only", action="store_true", help="list the points in order, train nothing")
     parser.add_argument("--summarise", action="store_true", help="score the finished points, train nothing")
-    parser.add_argument("--results", default="results/kd_grid", help="with --summarise: the table's folder")
+    parser.add_argument("--results", default="results/kd_grid",
+                        help="the tables and the finished points' archive (points/); restored from when training")
     parser.add_argument("--bootstrap", type=int, default=500, help="bootstrap replicates of each interval")
     return parser
 
@@ -419,15 +528,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     def work() -> str:
         grid, out = load_grid(args.grid), Path(args.out).resolve()
         if args.plan_only:
+            restore_points(grid, out, Path(args.results) / "points")
             for point in expand(grid, out):
                 state = "finished" if finished_loco(out, point, grid) is not None else "to train"
                 print(f"{point.name}\t{point.phase}\t{state}")
             return f"grid: {out} (plan only)"
         if args.summarise:
+            restore_points(grid, out, Path(args.results) / "points")
             return f"grid results: {write_results(grid, out, Path(args.results), args.bootstrap)}"
         if not args.teachers:
             raise GridError("--teachers FOLDER is needed to train (or --plan-only / --summarise)")
-        done = run_grid(grid, Path(args.teachers).resolve(), out, args.max_points, args.workers)
+        done = run_grid(grid, Path(args.teachers).resolve(), out, args.max_points, args.workers,
+                        Path(args.results), args.bootstrap)
         return f"grid: {out} ({len(done)} point(s) run)"
 
     return run_main(work)

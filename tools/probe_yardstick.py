@@ -2,7 +2,7 @@
 
     python tools/probe_yardstick.py --config configs/teacher_resnet152_resmem.yaml [--out runs/probe/resnet152]
         [--clinics rosendahl,vidir_modern] [--reported vienna_dias] [--ensemble-with YARDSTICK] [--weight 0.25]
-        [--set key=value ...]
+        [--results results/probe_resnet152] [--set key=value ...]
 
 The config's teacher (``teacher.arch``, ``teacher.weights``, its image size) is built once;
 its pooled features of every image the run can use, and of the external sets, are extracted
@@ -196,6 +196,20 @@ def run(cfg, config_name: str, out: Path, clinics: list[str], reported: list[str
     return Y.write_table(out, f"probe: {cfg.teacher.arch} ({cfg.teacher.weights}), frozen, logistic head")
 
 
+TABLES = ("yardstick.md", "yardstick.json", "runs.csv", "ensemble.md", "ensemble.json")
+
+
+def copy_tables(out: Path, results: Path) -> list[Path]:
+    """The summary tables of ``out`` (those that exist) into ``results``, for committing."""
+    results.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for name in TABLES:
+        if (out / name).is_file():
+            write_atomic(results / name, (out / name).read_text())
+            copied.append(results / name)
+    return copied
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python tools/probe_yardstick.py", description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="a teacher config (its teacher section and data)")
@@ -205,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", help="output folder (default runs/probe/<config name>)")
     parser.add_argument("--ensemble-with", help="a student yardstick folder to blend the probe with")
     parser.add_argument("--weight", type=float, default=0.25, help="the probe's weight in the blend")
+    parser.add_argument("--results", help="also copy the tables (no model, no feature) into this folder")
     return parser
 
 
@@ -223,6 +238,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.ensemble_with:
             print(ensemble_table(out, Path(args.ensemble_with), clinics + reported, args.weight).read_text())
         print((out / "yardstick.md").read_text())
+        if args.results:
+            copy_tables(out, Path(args.results))
         return f"probe: {out}"
 
     return run_main(work)
