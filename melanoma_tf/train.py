@@ -25,9 +25,10 @@ import numpy as np
 import pandas as pd
 
 from melanoma_tf import callbacks as cb
+from melanoma_tf import metrics as M
 from melanoma_tf import config as cfgmod
 from melanoma_tf import data as datamod
-from melanoma_tf import models, pretrained, report
+from melanoma_tf import finetune, models, pretrained, report
 from melanoma_tf.backend import keras, make_strategy, set_global_seed
 from melanoma_tf.cli import run_main
 from melanoma_tf.config import Config
@@ -132,6 +133,10 @@ def train_stage(stage: str, cfg: Config, data: PreparedData, folder: Path,
         student = _stage_model(stage, cfg, cfg.data.image_size)
         teacher = method.build_teacher(cfg.data.image_size)
     weights_info = _start_weights(student, stage, cfg, data, folder, resume)
+    if cfg.train.linear_probe and weights_info is not None:  # LP-FT: the head fitted before the first step
+        weights_info["linear_probe"] = finetune.linear_probe(student, cfg, data)
+        finetune.save_start(student, folder)
+        write_json(folder / "start_weights.json", weights_info)
     method.prepare(data, folder)
     train_ds, steps, val_images = training_datasets(cfg, data, sample_weights, method.dataset_options())
 
@@ -149,10 +154,16 @@ def train_stage(stage: str, cfg: Config, data: PreparedData, folder: Path,
                 patience=cfg.train.early_stopping_patience, ema_decay=cfg.train.ema_decay, tensorboard=True,
                 verbose=cfg.train.verbose, strategy=strategy, name=f"stage {stage}")
     trainer = fit_student(student, loop, folder, phases_for(stage, cfg), resume)
+    summary = method.summary()
+    if cfg.train.wise_ft is not None:  # WiSE-FT: the kept model interpolates the start and the best epoch
+        finetune.interpolate_weights(student, folder / finetune.START / "model.keras", cfg.train.wise_ft)
+        val_z = student.predict(val_images, verbose=0)
+        summary["wise_ft"] = {"weight": cfg.train.wise_ft, "val_roc_auc": (
+            M.roc_auc(data.part("val")["label"].to_numpy(), val_z.ravel()) if cfg.data.labels == "binary" else None)}
     models.save_model(student, folder / "model.keras")
     if trainer is not None:
         method.save_outputs(trainer, folder)
-    return _stage_result(stage, folder, student, data, digest, weights_info, method.summary())
+    return _stage_result(stage, folder, student, data, digest, weights_info, summary)
 
 
 def _stage_result(stage: str, folder: Path, student, data: PreparedData, digest: str,

@@ -1,5 +1,6 @@
 """Strict typed config: unknown keys, wrong types and ranges, overrides, YAML number quirks."""
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,8 @@ from melanoma_tf import config as C
 from melanoma_tf.config import ConfigError
 
 REPO_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import kd_grid  # noqa: E402
 
 
 def write(tmp_path, text, name="exp.yaml"):
@@ -26,6 +29,10 @@ def test_every_shipped_config_loads():
     for path in REPO_CONFIGS:
         if path.stem.startswith("sweep_"):
             assert load_sweep(path).axes  # every trial of the sweep is a valid config
+            continue
+        if "design" in (yaml.safe_load(path.read_text()) or {}):  # a KD grid file (tools/kd_grid.py)
+            grid = kd_grid.load_grid(path)
+            assert grid.design and C.load(grid.config).output.name == grid.config.stem
             continue
         cfg = C.load(path)
         assert cfg.output.name == path.stem

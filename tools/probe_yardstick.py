@@ -33,8 +33,6 @@ from typing import Optional
 
 import numpy as np
 import pandas as pd
-from sklearn.linear_model import LogisticRegression
-from sklearn.preprocessing import StandardScaler
 
 from melanoma_tf import config as cfgmod
 from melanoma_tf import evaluation as E
@@ -45,11 +43,11 @@ from melanoma_tf.backend import keras, set_global_seed
 from melanoma_tf.cli import run_main
 from melanoma_tf.errors import MelanomaTfError
 from melanoma_tf.files import write_atomic, write_json
+from melanoma_tf.finetune import C_GRID, fit_linear_head
 from melanoma_tf.pipeline import DECODING, make_dataset
 
 log = logging.getLogger("melanoma_tf.probe")
 CHUNK = 256  # images per saved feature file
-C_GRID = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 
 
 class ProbeError(MelanomaTfError, ValueError):
@@ -84,21 +82,6 @@ def extract(features_model, frame: pd.DataFrame, size: int, folder: Path, name: 
     return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 
 
-def fit_head(x_train, y_train, x_val, y_val) -> tuple[np.ndarray, float, dict]:
-    """Logistic regression on standardised features, C chosen on validation ROC-AUC; weights on raw features."""
-    scaler = StandardScaler().fit(x_train)
-    scores, fitted = {}, {}
-    for c in C_GRID:
-        head = LogisticRegression(C=c, class_weight="balanced", max_iter=5000).fit(scaler.transform(x_train), y_train)
-        scores[c] = M.roc_auc(y_val, head.decision_function(scaler.transform(x_val)))
-        fitted[c] = head
-    best = max(scores, key=scores.get)
-    head = fitted[best]
-    weights = head.coef_[0] / scaler.scale_
-    bias = float(head.intercept_[0] - np.sum(head.coef_[0] * scaler.mean_ / scaler.scale_))
-    return weights, bias, {"C": best, "val_roc_auc_by_C": {str(k): v for k, v in scores.items()}}
-
-
 def score(folder: Path, val_y, val_z, test: pd.DataFrame, test_z, source_column: str) -> dict:
     """metrics.json and predictions.csv of one scored set, as the evaluation of every run writes them."""
     result = E.binary_report(val_y, val_z, test["label"].to_numpy(), test_z, test["lesion_id"].to_numpy())
@@ -115,12 +98,12 @@ def probe_split(cfg, clinic: str, features: dict[str, np.ndarray], model, extern
     parts = {name: data.part(name) for name in ("train", "val", "holdout")}
     x = {name: np.stack([features[i] for i in part["image_id"]]) for name, part in parts.items()}
     y = {name: part["label"].to_numpy() for name, part in parts.items()}
-    weights, bias, choice = fit_head(x["train"], y["train"], x["val"], y["val"])
+    kernel, biases, choice = fit_linear_head(x["train"], y["train"], x["val"], y["val"])
+    weights, bias = kernel[:, 0], float(biases[0])
     z = {name: x[name] @ weights + bias for name in x}
     folder = Y.run_folder(out, clinic, 1)
     folder.mkdir(parents=True, exist_ok=True)
-    model.get_layer("logits").set_weights([weights.reshape(-1, 1).astype(np.float32),
-                                           np.array([bias], np.float32)])
+    model.get_layer("logits").set_weights([kernel, biases])
     model.save(folder / "model.keras")
     write_atomic(folder / "config.yaml", cfgmod.to_yaml(cfgmod.replace(split_cfg, "stages", ("teacher",))))
     result = score(folder / "eval_holdout", y["val"], z["val"], parts["holdout"], z["holdout"],
@@ -133,7 +116,7 @@ def probe_split(cfg, clinic: str, features: dict[str, np.ndarray], model, extern
     result["probe"] = choice
     write_json(folder / "eval_holdout" / "metrics.json", result)
     log.info("%s held out: C=%g, val %.3f, holdout ROC-AUC %.3f%s", clinic, choice["C"],
-             choice["val_roc_auc_by_C"][str(choice["C"])], result["roc_auc"],
+             choice["val_score_by_C"][str(choice["C"])], result["roc_auc"],
              "".join(f", {n} {v['roc_auc']:.3f}" for n, v in result["external"].items()))
     return result
 
@@ -236,7 +219,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         summary = run(cfg, Path(args.config).name, out, clinics, reported)
         log.info("leave-one-clinic-out mean %.3f", summary["loco_mean"]["mean"])
         if args.ensemble_with:
-            print(ensemble_table(out, Path(args.ensemble_with), clinics + reported, args.weight).read_text())
+            students = Path(args.ensemble_with)  # a reported clinic the students did not hold out is left out
+            shown = clinics + [c for c in reported if (students / c).is_dir()]
+            print(ensemble_table(out, students, shown, args.weight).read_text())
         print((out / "yardstick.md").read_text())
         if args.results:
             copy_tables(out, Path(args.results))

@@ -212,6 +212,14 @@ class TrainConfig:
     # exported model use the averaged weights
     ema_decay: float = 0.0
     backbone_lr_scale: float = 1.0  # learning rate of every layer but the head (logits, head_hidden), relative
+    # LP-FT (Kumar et al. 2022): before the first step the logit layer is fitted to completion as a logistic
+    # regression on the start model's features of the training images (frozen backbone, no augmentation, C chosen
+    # on validation ROC-AUC); then every layer trains as configured. The start is kept in <stage>/start/.
+    linear_probe: bool = False
+    # WiSE-FT (Wortsman et al. 2022; needs linear_probe): the stage's model is (1 - w) x the start + w x the
+    # fine-tuned best weights, every weight interpolated (BatchNorm statistics too); null: the fine-tuned model.
+    # Choose w on the yardstick: tools/wise_ft_yardstick.py scores several w from runs trained with linear_probe.
+    wise_ft: Optional[float] = None
     verbose: int = 1  # Keras progress: 0 silent, 1 bar, 2 one line per epoch
     steps_per_epoch: Optional[int] = None  # debugging: cut epochs short
     # none: one device; mirrored: every local GPU (or the logical CPUs of MELANOMA_TF_CPU_DEVICES);
@@ -290,6 +298,9 @@ class Config:
             ("teacher.lr", self.teacher.lr is None or self.teacher.lr > 0, "must be > 0"),
             ("teacher.backbone_lr_scale", self.teacher.backbone_lr_scale is None
              or 0 < self.teacher.backbone_lr_scale <= 10, "must be in (0, 10]"),
+            ("train.wise_ft", self.train.wise_ft is None or 0 <= self.train.wise_ft <= 1, "must be in [0, 1]"),
+            ("train.wise_ft", self.train.wise_ft is None or self.train.linear_probe,
+             "interpolates from the linear-probe start: set train.linear_probe: true too"),
             ("student.alpha", self.student.alpha > 0, "must be > 0"),
             ("student.dropout", 0 <= self.student.dropout < 1, "must be in [0, 1)"),
             ("student.head_units", self.student.head_units >= 0, "must be >= 0"),
