@@ -138,6 +138,9 @@ def test_each_cell_is_scored_with_an_interval_and_paired_with_its_no_kd_row(tmp_
     assert "2 of 51 planned points finished" in text and "t_alpha_bce.png" in text
     assert f"{row['loco_mean']:.3f}" in text and f"{row['vs_nokd']:+.3f}" in text
     assert "Not finished yet (49)" in text and (tmp_path / "results" / "t_alpha_bce.png").stat().st_size > 1000
+    # the section a documentation page includes: the table and what is left, no picture (its path would break)
+    section = text.split(G.SNIPPET.format("start"))[1].split(G.SNIPPET.format("end"))[0]
+    assert section.strip().startswith("| point |") and "Not finished yet (49)" in section and "![" not in section
     assert str(tmp_path) not in text + (tmp_path / "results" / "grid.csv").read_text()
 
 

@@ -54,6 +54,7 @@ from melanoma_tf.files import write_atomic, write_json
 log = logging.getLogger("melanoma_tf.kd_grid")
 PHASES = ("reference", "t_alpha", "pooling")
 EXTERNAL = "isic2017"
+SNIPPET = "<!-- --8<-- [{}:table] -->"
 
 
 class GridError(MelanomaTfError, ValueError):
@@ -486,6 +487,7 @@ def write_results(grid: Grid, out: Path, folder: Path, n_boot: int = 500) -> Pat
              "LOCO: mean held-out ROC-AUC over clinics and seeds, 95% interval resampling lesions; "
              "vs no KD: paired difference from the no-KD row of the same loss and pooling (same images, seeds); "
              f"{EXTERNAL}: mean over the same models, reported, never chosen on.", "",
+             SNIPPET.format("start"),  # the table alone, for a documentation page (pymdownx.snippets)
              "| point | phase | LOCO ROC-AUC | vs no KD | " + " | ".join(grid.clinics) + f" | {EXTERNAL} |",
              "|---|---|---|---|" + "---|" * len(grid.clinics) + "---|"]
     if not table.empty:
@@ -496,6 +498,7 @@ def write_results(grid: Grid, out: Path, folder: Path, n_boot: int = 500) -> Pat
     waiting = [p.name for p in planned if table.empty or p.name not in set(table["point"])]
     if waiting:
         lines += ["", f"Not finished yet ({len(waiting)}): " + ", ".join(waiting)]
+    lines.append(SNIPPET.format("end"))
     figures = heatmaps(table, grid, folder) if not table.empty else []
     panel = pooling_panel(table, folder) if not table.empty else None
     lines += [""] + [f"![{name}]({name})" for name in figures + ([panel] if panel else [])]
