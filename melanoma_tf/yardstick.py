@@ -349,12 +349,15 @@ def write_table(root: Path, title: str) -> dict:
 # --------------------------------------------------------------------------- paired comparison
 
 
+def read_predictions(eval_dir: Path, external: Optional[str] = None) -> pd.DataFrame:
+    """Label, lesion and probability by image of a scored holdout (``eval_dir``) or one of its external sets."""
+    folder = eval_dir if external is None else eval_dir / "external" / external
+    return pd.read_csv(folder / "predictions.csv").set_index("image_id")[["label", "lesion_id", "probability"]]
+
+
 def _held_out_predictions(root: Path, split: str, seed: int) -> Optional[pd.DataFrame]:
     path = holdout_metrics_path(run_folder(root, split, seed))
-    if path is None:
-        return None
-    frame = pd.read_csv(path.parent / "predictions.csv")
-    return frame.set_index("image_id")[["label", "lesion_id", "probability"]]
+    return None if path is None else read_predictions(path.parent)
 
 
 def paired_difference(a: list[pd.DataFrame], b: list[pd.DataFrame], n_boot: int = 1000,

@@ -352,7 +352,7 @@ def _predictions(root: Path, clinic: str, seeds: list[int], external: Optional[s
             continue
         file = path.parent / ("predictions.csv" if external is None else f"external/{external}/predictions.csv")
         if file.is_file():
-            frames.append(pd.read_csv(file).set_index("image_id")[["label", "lesion_id", "probability"]])
+            frames.append(Y.read_predictions(path.parent, external))
     return frames
 
 

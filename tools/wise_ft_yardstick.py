@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import pandas as pd
 
 from melanoma_tf import metrics as M
 from melanoma_tf import yardstick as Y
@@ -63,11 +62,6 @@ def scored_folder(stage: Path, weight: float, n_boot: int) -> Path:
         make_soup([stage / START, stage], folder, [1.0 - weight, weight])
         evaluate(str(folder), n_boot=n_boot, gradcam=0, latency_runs=5, relation=False)
     return folder
-
-
-def _frame(eval_dir: Path, external: Optional[str] = None) -> pd.DataFrame:
-    folder = eval_dir if external is None else eval_dir / "external" / external
-    return pd.read_csv(folder / "predictions.csv").set_index("image_id")[["label", "lesion_id", "probability"]]
 
 
 def collect(root: Path, weights: list[float], n_boot: int) -> tuple[dict, list[str], list[int], list[str]]:
@@ -106,7 +100,8 @@ def summarise(found: dict, clinics: list[str], externals: list[str], n_boot: int
     """Per weight: clinic means, the LOCO mean and its seed spread, the paired difference from w = 1, externals."""
     rows = {}
     for weight, by_clinic in found.items():
-        per_clinic = {c: {s: M.roc_auc(_frame(d)["label"], _frame(d)["probability"]) for s, d in runs.items()}
+        per_clinic = {c: {s: M.roc_auc(f["label"], f["probability"])
+                          for s, d in runs.items() for f in [Y.read_predictions(d)]}
                       for c, runs in by_clinic.items() if runs}
         seeds = sorted(set.intersection(*(set(v) for v in per_clinic.values()))) if per_clinic else []
         loco = [np.mean([per_clinic[c][s] for c in per_clinic]) for s in seeds]
@@ -116,8 +111,8 @@ def summarise(found: dict, clinics: list[str], externals: list[str], n_boot: int
         if weight != 1.0 and seeds:
             replicates, differences = [], []
             for clinic in per_clinic:
-                result = Y.paired_difference([_frame(found[weight][clinic][s]) for s in seeds],
-                                             [_frame(found[1.0][clinic][s]) for s in seeds], n_boot)
+                result = Y.paired_difference([Y.read_predictions(found[weight][clinic][s]) for s in seeds],
+                                             [Y.read_predictions(found[1.0][clinic][s]) for s in seeds], n_boot)
                 replicates.append(result["replicates"])
                 differences.append(result["difference"])
             both = np.mean(replicates, axis=0)
@@ -126,7 +121,7 @@ def summarise(found: dict, clinics: list[str], externals: list[str], n_boot: int
         for name in externals:
             values = [M.roc_auc(f["label"], f["probability"]) for runs in by_clinic.values() for d in runs.values()
                       if (d / "external" / name / "predictions.csv").is_file()
-                      for f in [_frame(d, name)]]
+                      for f in [Y.read_predictions(d, name)]]
             row[name] = float(np.mean(values)) if values else None
         rows[weight] = row
     return rows
