@@ -26,7 +26,7 @@ from melanoma_tf import cost, plots, report
 from melanoma_tf import data as datamod
 from melanoma_tf import metrics as M
 from melanoma_tf.errors import MelanomaTfError
-from melanoma_tf.explain import gradcam_gallery, relation_analysis
+from melanoma_tf.explain import gradcam_gallery, has_feature_map, relation_analysis
 from melanoma_tf.files import write_atomic, write_json
 from melanoma_tf.models import load_model
 from melanoma_tf.pipeline import load_images
@@ -361,7 +361,10 @@ def _explanations(keras_model, test: pd.DataFrame, test_images: np.ndarray, test
                   relation: bool, names: list[str], seed: int) -> list:
     """Grad-CAM of the worst misses and false alarms, and the relation analysis (into ``result`` / ``figures``)."""
     gallery = []
-    if gradcam:
+    if gradcam and not has_feature_map(keras_model):
+        log.info("no Grad-CAM for %s: it has no feature map of its own (an ensemble's are in its members)",
+                 keras_model.name)
+    elif gradcam:
         gallery = gradcam_gallery(keras_model, test, predictions["probability"].to_numpy(), test_y,
                                   result["threshold"], out_dir / "gradcam", per_kind=gradcam)
     if relation:

@@ -16,6 +16,12 @@ from melanoma_tf.distill.relational_losses import relation_ratio
 from melanoma_tf.pipeline import load_images
 
 
+def has_feature_map(model: keras.Model) -> bool:
+    """Whether the model has a layer with a spatial (4-D) output of its own (an ensemble's are inside its members)."""
+    return any(isinstance(layer.output_shape, tuple) and len(layer.output_shape) == 4 and layer.output_shape[1]
+               and layer.output_shape[1] > 1 for layer in model.layers)
+
+
 def last_feature_layer(model: keras.Model) -> keras.layers.Layer:
     """The last layer with a spatial (4-D) output: where Grad-CAM looks."""
     for layer in reversed(model.layers):

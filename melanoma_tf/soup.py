@@ -14,6 +14,13 @@ names the members (folder names and checksums, no machine path). Its validation 
 the first member's: if the members' validation splits differ, the others trained on part
 of it, so the threshold and calibration fitted there are optimistic, and ``soup.json``
 says so.
+
+    python -m melanoma_tf.soup --ensemble --runs runs/a runs/b runs/c --out runs/ensemble [--evaluate]
+
+``--ensemble`` keeps every member whole instead: one model whose logit is the mean of the
+members' logits (the prediction ensemble; members of any architecture with one input size).
+It costs the members' size and time together, and it is the reference a soup is measured
+against; on a phone, whose budget is 25 MB, it fits where one student is 2 MB.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import numpy as np
 from melanoma_tf import config as cfgmod
 from melanoma_tf import data as datamod
 from melanoma_tf import models
+from melanoma_tf.backend import keras
 from melanoma_tf.cli import run_main
 from melanoma_tf.evaluation import evaluate
 from melanoma_tf.files import write_json
@@ -68,42 +76,81 @@ def make_soup(run_dirs: Sequence[str | Path], out: str | Path,
     coefficients = coefficients / coefficients.sum()
     first = models.load_model(stage_dirs[0] / "model.keras")
     layout = [(v.name, tuple(v.shape)) for v in first.weights]
-    holdout = _split_ids(stage_dirs[0], "holdout")
-    validation = _split_ids(stage_dirs[0], "val")
-    members, totals = [], [np.zeros(v.shape, np.float64) for v in first.weights]
-    same_validation = True
+    totals = [np.zeros(v.shape, np.float64) for v in first.weights]
     for stage_dir, c in zip(stage_dirs, coefficients):
         model = first if stage_dir == stage_dirs[0] else models.load_model(stage_dir / "model.keras")
         if [(v.name, tuple(v.shape)) for v in model.weights] != layout:
             raise RunError(f"--runs {stage_dir}: another architecture than {stage_dirs[0]} (its weights differ in "
                            "names or shapes): only models of one architecture make a soup")
-        if _split_ids(stage_dir, "holdout") != holdout:
-            raise RunError(f"--runs {stage_dir}: another holdout than {stage_dirs[0]}: a member would have trained "
-                           "on images the soup is scored on")
-        same_validation &= _split_ids(stage_dir, "val") == validation
         for total, value in zip(totals, model.get_weights()):
             total += c * value
+    members = _members(stage_dirs, coefficients, "soup")
+    dtypes = [w.dtype for w in first.get_weights()]
+    first.set_weights([t.astype(d) if np.issubdtype(d, np.floating) else w
+                       for t, d, w in zip(totals, dtypes, first.get_weights())])
+    return _write_run(out, stage_dirs, first, members, "soup")
+
+
+def make_ensemble(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
+    """The mean-logit ensemble of the members as one model in ``out`` (a run folder); returns it.
+
+    Raises:
+      RunError: fewer than two members, other input sizes or outputs, other holdouts (naming the run).
+    """
+    if len(run_dirs) < 2:
+        raise RunError("--runs: an ensemble needs at least two runs")
+    stage_dirs = [resolve_stage_dir(r) for r in run_dirs]
+    members = []
+    for i, stage_dir in enumerate(stage_dirs):
+        model = models.load_model(stage_dir / "model.keras")
+        if members and (model.input_shape, model.output_shape) != (members[0].input_shape, members[0].output_shape):
+            raise RunError(f"--runs {stage_dir}: input {model.input_shape} and output {model.output_shape}, "
+                           f"{stage_dirs[0]} has {members[0].input_shape} and {members[0].output_shape}: an "
+                           "ensemble's members take one image size and give one kind of output")
+        model._name = f"member_{i}"  # unique layer names inside the ensemble
+        members.append(model)
+    image = keras.Input(members[0].input_shape[1:], name="image")
+    logits = keras.layers.Average(name="ensemble_mean")([m(image, training=False) for m in members])
+    ensemble = keras.Model(image, logits, name="ensemble")
+    record = _members(stage_dirs, np.full(len(stage_dirs), 1.0 / len(stage_dirs)), "ensemble")
+    return _write_run(out, stage_dirs, ensemble, record, "ensemble")
+
+
+def _members(stage_dirs: list[Path], coefficients: np.ndarray, kind: str) -> dict:
+    """``soup.json``'s record: each member's run name, checksum and coefficient, and whose validation split it is.
+
+    Raises:
+      RunError: a member with another holdout (it would have trained on images the result is scored on).
+    """
+    holdout = _split_ids(stage_dirs[0], "holdout")
+    validation = _split_ids(stage_dirs[0], "val")
+    members, same_validation = [], True
+    for stage_dir, c in zip(stage_dirs, coefficients):
+        if _split_ids(stage_dir, "holdout") != holdout:
+            raise RunError(f"--runs {stage_dir}: another holdout than {stage_dirs[0]}: a member would have trained "
+                           f"on images the {kind} is scored on")
+        same_validation &= _split_ids(stage_dir, "val") == validation
         digest = hashlib.sha256((stage_dir / "model.keras").read_bytes()).hexdigest()
         members.append({"run": stage_dir.name if stage_dir.name not in cfgmod.STAGES
                         else f"{stage_dir.parent.name}/{stage_dir.name}", "model_sha256": digest,
                         "coefficient": float(c)})
-    dtypes = [w.dtype for w in first.get_weights()]
-    first.set_weights([t.astype(d) if np.issubdtype(d, np.floating) else w
-                       for t, d, w in zip(totals, dtypes, first.get_weights())])
+    return {"kind": kind, "members": members,
+            "validation": ("shared by every member" if same_validation else
+                           f"{members[0]['run']}'s; the other members trained on part of it, so a threshold or "
+                           "calibration fitted on it is optimistic (the holdout is every member's)")}
+
+
+def _write_run(out: str | Path, stage_dirs: list[Path], model, record: dict, kind: str) -> Path:
+    """``out`` as a run folder: the first member's config and split, ``model``, ``soup.json``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in ("eval_holdout", "eval_val", "tflite"):  # scores of a soup that was there before
+    for stale in ("eval_holdout", "eval_val", "tflite"):  # scores of a model that was there before
         shutil.rmtree(out / stale, ignore_errors=True)
     shutil.copyfile(stage_dirs[0] / "config.yaml", out / "config.yaml")
     shutil.copyfile(stage_dirs[0] / "splits.csv", out / "splits.csv")
-    models.save_model(first, out / "model.keras")
-    write_json(out / "soup.json", {
-        "members": members,
-        "validation": ("shared by every member" if same_validation else
-                       f"{members[0]['run']}'s; the other members trained on part of it, so a threshold or "
-                       "calibration fitted on it is optimistic (the holdout is every member's)"),
-    })
-    log.info("soup of %d runs -> %s", len(members), out)
+    models.save_model(model, out / "model.keras")
+    write_json(out / "soup.json", record)
+    log.info("%s of %d runs -> %s", kind, len(stage_dirs), out)
     return out
 
 
@@ -112,6 +159,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--runs", nargs="+", required=True, help="two or more trained runs of one architecture")
     parser.add_argument("--out", required=True, help="the soup's run folder")
     parser.add_argument("--coefficients", help="comma-separated weights, one per run (default: uniform)")
+    parser.add_argument("--ensemble", action="store_true",
+                        help="keep the members whole: one model whose logit is their mean (no weight averaging)")
     parser.add_argument("--evaluate", action="store_true", help="then score it on the holdout and external sets")
     args = parser.parse_args(argv)
 
@@ -122,10 +171,13 @@ def main(argv: Optional[list[str]] = None) -> int:
                 coefficients = [float(x) for x in args.coefficients.split(",")]
             except ValueError:
                 raise RunError(f"--coefficients {args.coefficients}: not a comma-separated list of numbers") from None
-        out = make_soup(args.runs, args.out, coefficients)
+        if args.ensemble and coefficients is not None:
+            raise RunError("--coefficients: an ensemble averages its members' logits uniformly")
+        out = make_ensemble(args.runs, args.out) if args.ensemble else make_soup(args.runs, args.out, coefficients)
+        kind = "ensemble" if args.ensemble else "soup"
         if args.evaluate:
-            return f"soup: {out}; report: {evaluate(str(out))}"
-        return f"soup: {out}"
+            return f"{kind}: {out}; report: {evaluate(str(out))}"
+        return f"{kind}: {out}"
 
     return run_main(go)
 

@@ -27,7 +27,7 @@ def test_plan_trains_students_on_one_split_and_distils_from_the_ensemble(tmp_pat
                                        "student_seed2_on_validation", "student_seed3_on_validation",
                                        "distill_seed1", "distill_seed2", "distill_seed3",
                                        "quantize", "int8_on_validation", "qat_on_validation", "tiny_student",
-                                       "tiny_quantize", "baselines"]
+                                       "tiny_quantize", "phone_ensemble", "phone_quantize", "baselines"]
     argv = {s.name: " ".join(s.argv) for s in steps}
     for teacher in ("teacher", "teacher_efficientnet_lite0"):  # both at the teacher size, with the same overrides
         assert "data.image_size=224" in argv[teacher] and "stages=[teacher]" in argv[teacher]
@@ -41,6 +41,10 @@ def test_plan_trains_students_on_one_split_and_distils_from_the_ensemble(tmp_pat
     # the edge-class student: its own config, the same teacher ensemble, quantized to int8
     assert "distill_mobilenetv3_tiny.yaml" in argv["tiny_student"] and members in argv["tiny_student"]
     assert f"--run {tmp_path / 'tiny_student'}" in argv["tiny_quantize"] and "fp32,int8" in argv["tiny_quantize"]
+    # the phone's model: the no-KD students' logit ensemble (not the separate teachers), one fp16 flatbuffer
+    students = " ".join(str(tmp_path / f"student_seed{s}") for s in (1, 2, 3))
+    assert f"melanoma_tf.soup --ensemble --runs {students} --out {tmp_path / 'phone_ensemble'}" in argv["phone_ensemble"]
+    assert f"--run {tmp_path / 'phone_ensemble'} --modes fp16" in argv["phone_quantize"]
     assert "--modes fp32,fp16,int8,qat" in argv["quantize"] and "--qat-epochs 3" in argv["quantize"]
     assert f"--run {tmp_path / 'distill_seed1'}" in argv["quantize"]
     assert f"--run {tmp_path / 'distill_seed1'}" in argv["baselines"]  # baselines use the distilled run's split
@@ -147,6 +151,11 @@ def _finished_run(out, teachers=True):
     (out / "tiny_student" / "tflite" / "int8.json").write_text(json.dumps({"size_bytes": 470_000,
                                                                           "tflm_arena_bytes": 300_000}))
     (out / "tiny_student" / "tflite" / "int8.tflite").write_bytes(b"TFL3" + bytes(60))
+    phone = out / "phone_ensemble" / "tflite"
+    _evaluation(phone / "eval_fp16", 0.94, 0.73, 5.7, external=0.77)
+    (phone / "fp16.tflite").write_bytes(b"TFL3" + bytes(500))
+    (phone / "fp16.json").write_text(json.dumps({"model": "fp16.tflite", "threshold": 0.32,
+                                                 "source_run": "/machine/path/phone_ensemble"}))
     (tflite / "fp16.tflite").write_bytes(b"TFL3" + bytes(150))
     (tflite / "fp16.json").write_text(json.dumps({"model": "fp16.tflite", "threshold": 0.35,
                                                   "source_run": "/machine/path/distill_seed1"}))
@@ -199,7 +208,12 @@ def test_assemble_writes_the_results_folder_and_checks_the_targets(tmp_path):
     assert tiny["model"] == "tiny_student_int8.tflite" and tiny["source_run"].startswith("tiny_student of ")
     assert (results / "tiny_student_int8.tflite").read_bytes() == (out / "tiny_student" / "tflite" /
                                                                   "int8.tflite").read_bytes()
-    for name, auc in (("student_int8", 0.93), ("student_fp16", 0.925), ("tiny_student_int8", 0.915)):
+    phone = json.loads((results / "phone_ensemble_fp16.json").read_text())  # the phone's model
+    assert phone["model"] == "phone_ensemble_fp16.tflite" and phone["source_run"].startswith("phone_ensemble of ")
+    assert (results / "phone_ensemble_fp16.tflite").stat().st_size == 504
+    assert summary["models"]["phone ensemble fp16 (TFLite, 3 no-KD students)"]["roc_auc"] == 0.94
+    for name, auc in (("student_int8", 0.93), ("student_fp16", 0.925), ("tiny_student_int8", 0.915),
+                      ("phone_ensemble_fp16", 0.94)):
         evaluation = json.loads((results / f"{name}_eval.json").read_text())
         assert evaluation["model"] == f"{name}.tflite" and evaluation["roc_auc"] == auc
     text = (results / "report.md").read_text()

@@ -52,6 +52,40 @@ def test_a_soup_averages_every_weight_and_is_a_run_folder(members, tmp_path, cap
                                models.load_model(a / "model.keras").predict(images, verbose=0), rtol=1e-5, atol=1e-6)
 
 
+def test_an_ensemble_is_the_mean_of_its_members_logits_and_converts_to_one_flatbuffer(members, tmp_path, capsys):
+    """--ensemble: one model whose logit is the mean of the members' (not of their weights), scored like any run
+    and converted whole to fp16 (the phone's format), with the same logits as the Keras ensemble."""
+    from melanoma_tf import quantize as Q
+    from melanoma_tf.tflite import TFLiteModel
+
+    a, b, narrow = members
+    out = tmp_path / "ensemble"
+    assert S.main(["--ensemble", "--runs", str(a), str(narrow), "--out", str(out), "--evaluate"]) == 0
+    assert f"ensemble: {out}" in capsys.readouterr().out
+    images = load_images(split_frame(C.load(a / "config.yaml"), a, "val")["path"].tolist()[:16], 32)
+    each = [models.load_model(r / "model.keras").predict(images, verbose=0) for r in (a, narrow)]
+    assert not np.allclose(each[0], each[1])
+    ensemble = models.load_model(out / "model.keras")
+    np.testing.assert_allclose(ensemble.predict(images, verbose=0), (each[0] + each[1]) / 2, rtol=1e-5, atol=1e-6)
+    assert ensemble.count_params() == sum(models.load_model(r / "model.keras").count_params() for r in (a, narrow))
+    record = json.loads((out / "soup.json").read_text())
+    assert record["kind"] == "ensemble" and [m["run"] for m in record["members"]] == [a.name, narrow.name]
+    metrics = json.loads((out / "eval_holdout" / "metrics.json").read_text())
+    assert metrics["n_images"] == len(split_frame(C.load(a / "config.yaml"), a, "holdout"))
+    folder = Q.quantize_run(out, ("fp16",), n_boot=20, latency_runs=2)
+    flat = TFLiteModel(folder / "fp16.tflite").predict(images)
+    np.testing.assert_allclose(flat, (each[0] + each[1]) / 2, rtol=0, atol=0.02)  # fp16 weights
+    assert json.loads((folder / "fp16.json").read_text())["threshold"] > 0
+    other = tmp_path / "other_size"  # a student of another input size in a run folder of the same split
+    shutil.copytree(a, other)
+    models.save_model(models.build_student(C.load(a / "config.yaml").student, 40), other / "model.keras")
+    for runs, message in (([a], "at least two runs"), ([a, other], rf"{other}: input \(None, 40, 40, 3\)")):
+        with pytest.raises(RunError, match=message):
+            S.make_ensemble(runs, tmp_path / "e2")
+    assert S.main(["--ensemble", "--runs", str(a), str(b), "--out", str(tmp_path / "e3"), "--coefficients", "1,2"]) == 2
+    assert "an ensemble averages its members' logits uniformly" in capsys.readouterr().err
+
+
 def test_members_that_cannot_make_a_soup_are_named(members, tmp_path, capsys):
     a, b, narrow = members
     other = tmp_path / "other_holdout"

@@ -125,6 +125,15 @@ def plan(config: Path, overrides: list[str], out: Path, teacher_size: int, seeds
     steps.append(Step("tiny_quantize", py + ["melanoma_tf.quantize", "--run", str(tiny), "--modes", "fp32,int8",
                                              "--bootstrap", str(bootstrap)],
                       tiny / "tflite" / "int8.json"))
+    # The phone's model: the no-KD students' mean-logit ensemble as one fp16 flatbuffer (about 2 MB per member,
+    # within the phone's 25 MB); ensembles of seeds held up better on unseen clinics than any one seed.
+    phone = out / "phone_ensemble"
+    steps.append(Step("phone_ensemble", py + ["melanoma_tf.soup", "--ensemble", "--runs",
+                                              *[str(out / f"student_seed{s}") for s in seeds], "--out", str(phone)],
+                      phone / "soup.json"))
+    steps.append(Step("phone_quantize", py + ["melanoma_tf.quantize", "--run", str(phone), "--modes", "fp16",
+                                              "--bootstrap", str(bootstrap)],
+                      phone / "tflite" / "fp16.json"))
     steps.append(Step("baselines", py + ["melanoma_tf.baselines"] + base +
                       ["--set", f"output.dir={out}", "--set", "output.name=baselines", "--run", str(first),
                        "--bootstrap", str(bootstrap)],
@@ -192,6 +201,8 @@ def assemble(out: Path, results: Path, seeds: list[int], timings: dict, command:
     evaluations["distilled student fp16 (TFLite)"] = first / "tflite" / "eval_fp16"
     tiny_name = "tiny student int8 (TFLite, width 0.5, 128 px)"
     evaluations[tiny_name] = out / "tiny_student" / "tflite" / "eval_int8"
+    evaluations[f"phone ensemble fp16 (TFLite, {len(seeds)} no-KD students)"] = \
+        out / "phone_ensemble" / "tflite" / "eval_fp16"
     for name in ("logreg", "hgb", "rf"):
         if (baselines / name / "eval_holdout" / "metrics.json").is_file():
             evaluations[f"baseline {name}"] = baselines / name / "eval_holdout"
@@ -304,6 +315,9 @@ def assemble(out: Path, results: Path, seeds: list[int], timings: dict, command:
     tiny = out / "tiny_student"
     if (tiny / "tflite" / "int8.tflite").is_file():
         ship(tiny, "int8", tiny / "tflite" / "eval_int8", results, "tiny_student_int8", command)
+    phone = out / "phone_ensemble"
+    if (phone / "tflite" / "fp16.tflite").is_file():
+        ship(phone, "fp16", phone / "tflite" / "eval_fp16", results, "phone_ensemble_fp16", command)
     shutil.copyfile(first / "splits.csv", results / "splits.csv")
 
     rows = []
