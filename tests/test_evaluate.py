@@ -316,7 +316,8 @@ def test_json_holds_no_nan_for_undefined_metrics(tmp_path):
     assert male["n_melanoma"] == 0 and male["roc_auc"] is None and male["sensitivity"] is None
 
 
-@pytest.mark.parametrize("name", ["student_int8_eval.json", "student_fp16_eval.json", "metrics.json"])
+@pytest.mark.parametrize("name", ["student_int8_eval.json", "student_fp16_eval.json", "phone_ensemble_fp16_eval.json",
+                                  "tiny_student_int8_eval.json", "metrics.json"])
 def test_committed_results_are_strict_json(name):
     path = REPO / "results" / "reference_ham10000" / name
     json.loads(path.read_text(), parse_constant=_refuse_nan)
@@ -355,13 +356,15 @@ def test_a_tflite_scored_from_its_sidecar_applies_the_stored_calibration_per_ima
 
 
 @pytest.mark.realdata
-def test_the_committed_tiny_student_is_the_model_its_sidecar_and_evaluation_describe(ham_root):
-    """results/tiny_student: flashable on a 512 KB-class board, and its evaluation is of this file on its holdout."""
+@pytest.mark.parametrize("results", ["reference_ham10000", "tiny_student"])
+def test_the_committed_tiny_student_is_the_model_its_sidecar_and_evaluation_describe(ham_root, results):
+    """results/reference_ham10000 (distilled) and results/tiny_student (no teacher): each tiny student is flashable
+    on a 512 KB-class board, and its evaluation is of this file on its holdout."""
     import hashlib
 
     from melanoma_tf.tflite import TFLiteModel
 
-    folder = REPO / "results" / "tiny_student"
+    folder = REPO / "results" / results
     model = folder / "tiny_student_int8.tflite"
     sidecar = json.loads((folder / "tiny_student_int8.json").read_text())
     evaluation = json.loads((folder / "tiny_student_int8_eval.json").read_text(), parse_constant=_refuse_nan)
@@ -370,6 +373,8 @@ def test_the_committed_tiny_student_is_the_model_its_sidecar_and_evaluation_desc
     assert sidecar["size_bytes"] == model.stat().st_size <= 512 * 1024
     assert 0 < sidecar["tflm_arena_bytes"] <= 256 * 1024
     assert sidecar["model"] == evaluation["model"] == model.name and "/" not in evaluation["run"]
+    taught = "distill_mobilenetv3_tiny.yaml" in sidecar["source_run"]
+    assert taught == (results == "reference_ham10000")  # the reference run's is distilled, the other is not
     splits = pd.read_csv(folder / "splits.csv")
     holdout = splits[splits["split"] == "holdout"]
     assert len(holdout) == evaluation["n_images"] and int(holdout["label"].sum()) == evaluation["n_melanoma"]
