@@ -30,7 +30,7 @@ from melanoma_tf.explain import gradcam_gallery, has_feature_map, relation_analy
 from melanoma_tf.files import write_atomic, write_json
 from melanoma_tf.models import load_model
 from melanoma_tf.pipeline import load_images
-from melanoma_tf.runs import resolve_stage_dir, split_frame
+from melanoma_tf.runs import read_out_of_fold, resolve_stage_dir, split_frame
 from melanoma_tf.tflite import TFLiteModel, read_sidecar
 
 log = logging.getLogger("melanoma_tf.evaluate")
@@ -235,19 +235,24 @@ def evaluate(run_dir: Optional[str] = None, model_path: Optional[str] = None, sp
     test_images = load_images(test["path"].tolist(), model.input_size)  # decoded once, used twice
     test_logits = model.logits(test_images)
     val = val_logits = None
-    if cfg is not None:
+    # A cross-fitted run has no validation split: its out-of-fold logits take the part (melanoma_tf.crossfit).
+    out_of_fold = read_out_of_fold(stage_dir) if cfg is not None else None
+    if cfg is not None and out_of_fold is None:
         val = split_frame(cfg, stage_dir, "val")
         val_logits = _predict(model, val)
     fixed = _sidecar_operating_point(sidecar) if sidecar is not None and cfg is None else {}
     test_z, test_y = melanoma_logit(test_logits, label_mode), _melanoma_labels(test, test_mode)
     val_z = melanoma_logit(val_logits, label_mode) if val is not None else None
     val_y = _melanoma_labels(val, label_mode) if val is not None else None
+    if out_of_fold is not None:
+        val_z, val_y = out_of_fold["logit"].to_numpy(np.float64), out_of_fold["melanoma"].to_numpy()
     result = binary_report(val_y, val_z, test_y, test_z, test["lesion_id"].to_numpy(),
                            target_sensitivity=target_sensitivity, refer_fraction=refer_fraction,
                            n_boot=n_boot, seed=seed, **fixed)
     skipped = test.attrs.get("skipped_unreadable", [])
     result.update({"n_skipped_unreadable": len(skipped), "skipped_unreadable": skipped[:20]})
-    result["threshold_source"] = ("sidecar" if fixed else
+    result["threshold_source"] = ("sidecar" if fixed else "out-of-fold predictions (cross-fit)"
+                                  if out_of_fold is not None else
                                   "validation (same data as reported: optimistic)" if tag == "val"
                                   else "validation")
     if test_mode == "multiclass":

@@ -127,6 +127,23 @@ def resolve_stage_dir(run_dir: str | Path) -> Path:
     raise RunError(f"--run {run_dir}: no model.keras in the run or its stage folders")
 
 
+OOF_FILE = "oof_logits.csv"  # a cross-fitted run's out-of-fold logits (melanoma_tf.crossfit)
+
+
+def read_out_of_fold(stage_dir: Path) -> Optional[pd.DataFrame]:
+    """A cross-fitted run's out-of-fold logits (``oof_logits.csv``), or None for any other run."""
+    path = Path(stage_dir) / OOF_FILE
+    if not path.is_file():
+        return None
+    frame = datamod.read_csv_table(path)
+    missing = {"image_id", "melanoma", "logit"} - set(frame.columns)
+    if missing:
+        raise RunError(f"{path}: missing column(s) {sorted(missing)}")
+    if frame["logit"].isna().any() or not frame["melanoma"].isin([0, 1]).all():
+        raise RunError(f"{path}: a logit is blank or a melanoma label is not 0/1")
+    return frame
+
+
 def split_frame(cfg: Config, stage_dir: Path, split: str) -> pd.DataFrame:
     """Rows of one split of the run's manifest, with image paths and metadata columns."""
     manifest = datamod.read_split_manifest(stage_dir / "splits.csv")
