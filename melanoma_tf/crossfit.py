@@ -27,17 +27,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+import subprocess
+import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-import numpy as np
 import pandas as pd
 
 from melanoma_tf import config as cfgmod
 from melanoma_tf import data as datamod
 from melanoma_tf import metrics as M
-from melanoma_tf import soup as soupmod
 from melanoma_tf.cli import run_main
+from melanoma_tf.combine import make_ensemble, make_soup
 from melanoma_tf.evaluation import evaluate, load_any_model, melanoma_logit
 from melanoma_tf.files import write_atomic, write_json
 from melanoma_tf.pipeline import load_images
@@ -49,25 +50,34 @@ COMBINE = ("ensemble", "soup")
 
 
 def train_folds(config: str | Path, overrides: Sequence[str], folds: int, out: Path) -> list[Path]:
-    """Trains (or resumes, or keeps) the K fold models in ``out/fold<k>``; returns their run folders."""
-    from melanoma_tf import train
+    """Trains (or resumes, or keeps) the K fold models in ``out/fold<k>``; returns their run folders.
 
+    Each fold is ``python -m melanoma_tf.train`` in its own process (its log: ``out/fold<k>.log``), as the
+    yardstick trains its runs: a killed fold continues from its last epoch when the command is run again.
+    """
     if folds < 2:
         raise cfgmod.ConfigError(f"--folds {folds}: cross-fitting needs at least 2 folds")
+    cfgmod.load(config, [*overrides, f"data.folds={folds}", "data.fold=0"])  # a bad config fails here, once
+    out.mkdir(parents=True, exist_ok=True)
     runs = []
     for k in range(folds):
-        cfg = cfgmod.load(config, [*overrides, f"data.folds={folds}", f"data.fold={k}", "output.evaluate=false"])
         folder = out / f"fold{k}"
-        if (folder / "config.yaml").is_file() and _finished(folder):
+        if _finished(folder):
             log.info("fold %d of %d already trained in %s", k + 1, folds, folder)
         else:
-            log.info("training fold %d of %d in %s", k + 1, folds, folder)
-            train.run(cfg, run_dir=folder)
+            log.info("training fold %d of %d in %s (log: %s.log)", k + 1, folds, folder, folder)
+            sets = [a for o in [*overrides, f"data.folds={folds}", f"data.fold={k}", "output.evaluate=false"]
+                    for a in ("--set", o)]
+            with open(f"{folder}.log", "ab") as handle:
+                subprocess.run([sys.executable, "-m", "melanoma_tf.train", "--config", str(config), *sets,
+                                "--run-dir", str(folder)], stdout=handle, stderr=subprocess.STDOUT, check=True)
         runs.append(folder)
     return runs
 
 
 def _finished(folder: Path) -> bool:
+    if not (folder / "config.yaml").is_file():
+        return False
     try:
         return (resolve_stage_dir(folder) / "metrics.json").is_file()
     except RunError:
@@ -116,9 +126,9 @@ def crossfit(config: str | Path, overrides: Sequence[str], folds: int, out: str 
     runs = train_folds(config, overrides, folds, out)
     oof = out_of_fold(runs)
     if combine == "ensemble":
-        soupmod.make_ensemble(runs, out)
+        make_ensemble(runs, out)
     else:
-        soupmod.make_soup(runs, out)
+        make_soup(runs, out)
     manifest = datamod.read_split_manifest(out / "splits.csv")
     manifest.loc[manifest["split"] != "holdout", "split"] = "train"  # the combination trained on all of them
     write_atomic(out / "splits.csv", manifest.to_csv(index=False))

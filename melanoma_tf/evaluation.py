@@ -203,6 +203,22 @@ def _predict(model: LoadedModel, frame: pd.DataFrame) -> np.ndarray:
     return model.logits(load_images(frame["path"].tolist(), model.input_size))
 
 
+def _validation(cfg, stage_dir: Optional[Path], model: LoadedModel,
+                label_mode: str) -> tuple[Optional[np.ndarray], Optional[np.ndarray], bool]:
+    """The melanoma logits and labels the operating point is fitted on, and whether they are out of fold.
+
+    A run's validation split, scored by ``model``; for a cross-fitted run (no validation split left), the fold
+    models' out-of-fold logits (``oof_logits.csv``, melanoma_tf.crossfit); nothing without a run.
+    """
+    if cfg is None:
+        return None, None, False
+    out_of_fold = read_out_of_fold(stage_dir)
+    if out_of_fold is not None:
+        return out_of_fold["logit"].to_numpy(np.float64), out_of_fold["melanoma"].to_numpy(), True
+    val = split_frame(cfg, stage_dir, "val")
+    return melanoma_logit(_predict(model, val), label_mode), _melanoma_labels(val, label_mode), False
+
+
 def evaluate(run_dir: Optional[str] = None, model_path: Optional[str] = None, split: str = "holdout",
              images: Optional[str] = None, labels: Optional[str] = None, out: Optional[str] = None,
              target_sensitivity: float = 0.95, refer_fraction: float = 0.1, n_boot: int = 1000,
@@ -234,25 +250,16 @@ def evaluate(run_dir: Optional[str] = None, model_path: Optional[str] = None, sp
             else split_frame(cfg, stage_dir, split))
     test_images = load_images(test["path"].tolist(), model.input_size)  # decoded once, used twice
     test_logits = model.logits(test_images)
-    val = val_logits = None
-    # A cross-fitted run has no validation split: its out-of-fold logits take the part (melanoma_tf.crossfit).
-    out_of_fold = read_out_of_fold(stage_dir) if cfg is not None else None
-    if cfg is not None and out_of_fold is None:
-        val = split_frame(cfg, stage_dir, "val")
-        val_logits = _predict(model, val)
+    val_z, val_y, out_of_fold = _validation(cfg, stage_dir, model, label_mode)
     fixed = _sidecar_operating_point(sidecar) if sidecar is not None and cfg is None else {}
     test_z, test_y = melanoma_logit(test_logits, label_mode), _melanoma_labels(test, test_mode)
-    val_z = melanoma_logit(val_logits, label_mode) if val is not None else None
-    val_y = _melanoma_labels(val, label_mode) if val is not None else None
-    if out_of_fold is not None:
-        val_z, val_y = out_of_fold["logit"].to_numpy(np.float64), out_of_fold["melanoma"].to_numpy()
     result = binary_report(val_y, val_z, test_y, test_z, test["lesion_id"].to_numpy(),
                            target_sensitivity=target_sensitivity, refer_fraction=refer_fraction,
                            n_boot=n_boot, seed=seed, **fixed)
     skipped = test.attrs.get("skipped_unreadable", [])
     result.update({"n_skipped_unreadable": len(skipped), "skipped_unreadable": skipped[:20]})
     result["threshold_source"] = ("sidecar" if fixed else "out-of-fold predictions (cross-fit)"
-                                  if out_of_fold is not None else
+                                  if out_of_fold else
                                   "validation (same data as reported: optimistic)" if tag == "val"
                                   else "validation")
     if test_mode == "multiclass":

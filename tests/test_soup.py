@@ -10,6 +10,7 @@ import pytest
 from conftest import REPO, tiny_overrides
 from melanoma_tf import config as C
 from melanoma_tf import models
+from melanoma_tf import combine as CB
 from melanoma_tf import soup as S
 from melanoma_tf import train as T
 from melanoma_tf.pipeline import load_images
@@ -81,7 +82,7 @@ def test_an_ensemble_is_the_mean_of_its_members_logits_and_converts_to_one_flatb
     models.save_model(models.build_student(C.load(a / "config.yaml").student, 40), other / "model.keras")
     for runs, message in (([a], "at least two runs"), ([a, other], rf"{other}: input \(None, 40, 40, 3\)")):
         with pytest.raises(RunError, match=message):
-            S.make_ensemble(runs, tmp_path / "e2")
+            CB.make_ensemble(runs, tmp_path / "e2")
     assert S.main(["--ensemble", "--runs", str(a), str(b), "--out", str(tmp_path / "e3"), "--coefficients", "1,2"]) == 2
     assert "an ensemble averages its members' logits uniformly" in capsys.readouterr().err
 
@@ -96,10 +97,10 @@ def test_members_that_cannot_make_a_soup_are_named(members, tmp_path, capsys):
     for runs, message in (([a], "at least two runs"), ([a, narrow], f"{narrow}: another architecture"),
                           ([a, other], f"{other}: another holdout")):
         with pytest.raises(RunError, match=message):
-            S.make_soup(runs, tmp_path / "soup")
+            CB.make_soup(runs, tmp_path / "soup")
     for coefficients in ([1.0], [1.0, -1.0], [0.0, 0.0], [1.0, float("nan")]):
         with pytest.raises(RunError, match="--coefficients"):
-            S.make_soup([a, b], tmp_path / "soup", coefficients)
+            CB.make_soup([a, b], tmp_path / "soup", coefficients)
     assert S.main(["--runs", str(a), str(b), "--out", str(tmp_path / "soup"), "--coefficients", "1,x"]) == 2
     assert "error: --coefficients 1,x: not a comma-separated list" in capsys.readouterr().err
     assert not (tmp_path / "soup").exists()

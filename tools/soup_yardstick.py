@@ -28,7 +28,7 @@ from melanoma_tf import metrics as M  # noqa: E402
 from melanoma_tf.evaluation import evaluate  # noqa: E402
 from melanoma_tf.files import write_atomic, write_json  # noqa: E402
 from melanoma_tf.runs import RunError  # noqa: E402
-from melanoma_tf.soup import make_soup  # noqa: E402
+from melanoma_tf.combine import make_soup  # noqa: E402
 
 
 def _predictions(eval_dir: Path, external: Optional[str]) -> pd.DataFrame:

@@ -36,7 +36,7 @@ from melanoma_tf.evaluation import evaluate
 from melanoma_tf.files import write_atomic, write_json
 from melanoma_tf.finetune import START
 from melanoma_tf.runs import resolve_stage_dir
-from melanoma_tf.soup import make_soup
+from melanoma_tf.combine import make_soup
 
 log = logging.getLogger("melanoma_tf.wise_ft")
 
