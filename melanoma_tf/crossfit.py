@@ -42,7 +42,7 @@ from melanoma_tf.combine import make_ensemble, make_soup
 from melanoma_tf.evaluation import evaluate, load_any_model, melanoma_logit
 from melanoma_tf.files import write_atomic, write_json
 from melanoma_tf.pipeline import load_images
-from melanoma_tf.runs import OOF_FILE, RunError, resolve_stage_dir, split_frame
+from melanoma_tf.runs import OOF_FILE, RunError, find_resumable, resolve_stage_dir, split_frame
 
 log = logging.getLogger(__name__)
 
@@ -57,17 +57,19 @@ def train_folds(config: str | Path, overrides: Sequence[str], folds: int, out: P
     """
     if folds < 2:
         raise cfgmod.ConfigError(f"--folds {folds}: cross-fitting needs at least 2 folds")
-    cfgmod.load(config, [*overrides, f"data.folds={folds}", "data.fold=0"])  # a bad config fails here, once
     out.mkdir(parents=True, exist_ok=True)
     runs = []
     for k in range(folds):
         folder = out / f"fold{k}"
+        fold_overrides = [*overrides, f"data.folds={folds}", f"data.fold={k}", "output.evaluate=false"]
+        cfg = cfgmod.load(config, fold_overrides)  # a bad config fails here, before any training
+        if (folder / "config.yaml").is_file():
+            find_resumable(cfg, str(folder))  # a fold of another config is never kept (or continued)
         if _finished(folder):
             log.info("fold %d of %d already trained in %s", k + 1, folds, folder)
         else:
             log.info("training fold %d of %d in %s (log: %s.log)", k + 1, folds, folder, folder)
-            sets = [a for o in [*overrides, f"data.folds={folds}", f"data.fold={k}", "output.evaluate=false"]
-                    for a in ("--set", o)]
+            sets = [a for o in fold_overrides for a in ("--set", o)]
             with open(f"{folder}.log", "ab") as handle:
                 subprocess.run([sys.executable, "-m", "melanoma_tf.train", "--config", str(config), *sets,
                                 "--run-dir", str(folder)], stdout=handle, stderr=subprocess.STDOUT, check=True)
@@ -76,8 +78,6 @@ def train_folds(config: str | Path, overrides: Sequence[str], folds: int, out: P
 
 
 def _finished(folder: Path) -> bool:
-    if not (folder / "config.yaml").is_file():
-        return False
     try:
         return (resolve_stage_dir(folder) / "metrics.json").is_file()
     except RunError:
@@ -112,8 +112,10 @@ def out_of_fold(runs: Sequence[Path]) -> pd.DataFrame:
         parts.append(pd.DataFrame({"image_id": val["image_id"].to_numpy(), "lesion_id": val["lesion_id"].to_numpy(),
                                    "fold": k, "melanoma": melanoma, "logit": z}))
     if seen != rest:
-        missing = sorted(rest - seen)
-        raise RunError(f"{len(missing)} non-holdout image(s) are in no fold's validation split (first: {missing[0]})")
+        missing, foreign = sorted(rest - seen), sorted(seen - rest)
+        first = f"first: {(missing or foreign)[0]}"
+        raise RunError(f"the folds' validation splits do not tile {stages[0]}'s non-holdout images: {len(missing)} "
+                       f"in none of them, {len(foreign)} not in its split ({first})")
     return pd.concat(parts, ignore_index=True).sort_values("image_id", kind="stable").reset_index(drop=True)
 
 

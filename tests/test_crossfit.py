@@ -80,6 +80,10 @@ def test_a_second_call_keeps_the_trained_folds(crossfitted):
     before = {k: (out / f"fold{k}" / "model.keras").stat().st_mtime_ns for k in range(3)}
     CF.crossfit(CONFIG, overrides, 3, out)
     assert {k: (out / f"fold{k}" / "model.keras").stat().st_mtime_ns for k in range(3)} == before
+    # folds of another config are neither kept nor continued: named, before anything trains
+    with pytest.raises(C.ConfigError, match=r"fold0: the config differs from the run's in \['train.lr'\]"):
+        CF.crossfit(CONFIG, [*overrides, "train.lr=0.01"], 3, out)
+    assert {k: (out / f"fold{k}" / "model.keras").stat().st_mtime_ns for k in range(3)} == before
 
 
 def test_bad_requests_are_named(crossfitted, tmp_path, capsys):
