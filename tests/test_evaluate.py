@@ -316,7 +316,7 @@ def test_json_holds_no_nan_for_undefined_metrics(tmp_path):
     assert male["n_melanoma"] == 0 and male["roc_auc"] is None and male["sensitivity"] is None
 
 
-@pytest.mark.parametrize("name", ["student_int8_eval.json", "student_fp16_eval.json", "phone_ensemble_fp16_eval.json",
+@pytest.mark.parametrize("name", ["student_int8_eval.json", "student_fp16_eval.json",
                                   "tiny_student_int8_eval.json", "metrics.json"])
 def test_committed_results_are_strict_json(name):
     path = REPO / "results" / "reference_ham10000" / name

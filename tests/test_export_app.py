@@ -133,8 +133,8 @@ def test_decision_and_probability_follow_evaluate():
     assert EA.shown_probability(1.0, {"temperature": 2.0}) == pytest.approx(M.sigmoid(0.5))
 
 
-def test_the_app_ships_the_export_of_the_committed_phone_model(tmp_path):
-    source = REPO / "results" / "reference_ham10000" / "phone_ensemble_fp16.tflite"
+def test_the_app_ships_the_export_of_the_committed_fp16_student(tmp_path):
+    source = REPO / "results" / "reference_ham10000" / "student_fp16.tflite"
     EA.export_app(source, tmp_path)
     for name in ("model.tflite", "model.json", "app.json"):
         assert (tmp_path / name).read_bytes() == (REPO / "app" / "public" / "model" / name).read_bytes(), name

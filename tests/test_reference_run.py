@@ -208,12 +208,10 @@ def test_assemble_writes_the_results_folder_and_checks_the_targets(tmp_path):
     assert tiny["model"] == "tiny_student_int8.tflite" and tiny["source_run"].startswith("tiny_student of ")
     assert (results / "tiny_student_int8.tflite").read_bytes() == (out / "tiny_student" / "tflite" /
                                                                   "int8.tflite").read_bytes()
-    phone = json.loads((results / "phone_ensemble_fp16.json").read_text())  # the phone's model
-    assert phone["model"] == "phone_ensemble_fp16.tflite" and phone["source_run"].startswith("phone_ensemble of ")
-    assert (results / "phone_ensemble_fp16.tflite").stat().st_size == 504
+    # the students' ensemble is scored beside the rest, but its file (over 5 MB at full size) is not shipped
     assert summary["models"]["phone ensemble fp16 (TFLite, 3 no-KD students)"]["roc_auc"] == 0.94
-    for name, auc in (("student_int8", 0.93), ("student_fp16", 0.925), ("tiny_student_int8", 0.915),
-                      ("phone_ensemble_fp16", 0.94)):
+    assert not list(results.glob("phone_ensemble*"))
+    for name, auc in (("student_int8", 0.93), ("student_fp16", 0.925), ("tiny_student_int8", 0.915)):
         evaluation = json.loads((results / f"{name}_eval.json").read_text())
         assert evaluation["model"] == f"{name}.tflite" and evaluation["roc_auc"] == auc
     text = (results / "report.md").read_text()

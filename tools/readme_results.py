@@ -7,8 +7,8 @@
 Reads ``results/reference_ham10000/metrics.json`` (written by ``tools/reference_run.py``) and
 writes the rows a newcomer needs: the shipped int8 student, the phone app's fp16 model, the
 microcontroller-class tiny student and the best baseline, on the HAM10000 holdout and ISIC 2017.
-The rows of the tiny student and of the phone's ensemble are the evaluations of the committed files
-(``tiny_student_int8_eval.json``, ``phone_ensemble_fp16_eval.json`` beside the metrics) when there are.
+The tiny student's row is the evaluation of the committed file (``tiny_student_int8_eval.json``
+beside the metrics) when there is one.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from typing import Optional
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results" / "reference_ham10000" / "metrics.json"
 TINY_EVAL = RESULTS.parent / "tiny_student_int8_eval.json"
-PHONE_EVAL = RESULTS.parent / "phone_ensemble_fp16_eval.json"
 START, END = "<!-- headline table: tools/readme_results.py -->", "<!-- end of headline table -->"
 EXTERNAL = "isic2017"
 
@@ -32,13 +31,12 @@ def _auc(m: dict) -> str:
     return f"{m['roc_auc']:.3f} [{low:.3f}, {high:.3f}]"
 
 
-def headline_table(metrics: dict, tiny: Optional[dict] = None, phone: Optional[dict] = None) -> str:
+def headline_table(metrics: dict, tiny: Optional[dict] = None) -> str:
     """Markdown rows: what ships (int8, QAT or post-training as the run chose), the app's fp16, the tiny student,
     and the baseline with the best holdout ROC-AUC.
 
     ``tiny``: the evaluation of the committed tiny student (``tiny_student_int8_eval.json``); without it the row
-    is the run's own tiny student, whose file was not committed. ``phone``: the evaluation of the committed phone
-    model (``phone_ensemble_fp16_eval.json``), which the app then runs instead of the fp16 student.
+    is the run's own tiny student, whose file was not committed.
     """
     models = metrics["models"]
     shipped = f"distilled student {metrics['shipped_int8']['mode'].upper().replace('INT8', 'PTQ')} int8 (TFLite)"
@@ -49,10 +47,8 @@ def headline_table(metrics: dict, tiny: Optional[dict] = None, phone: Optional[d
     tiny_row = (("tiny int8 student, distilled (512 KB-class boards)", tiny) if tiny is not None else
                 ("tiny int8 student, distilled (512 KB-class boards; file not committed)",
                  models[next(n for n in models if n.startswith("tiny student"))]))
-    fp16 = [("fp16 student (the phone app's)", models["distilled student fp16 (TFLite)"])] if phone is None else [
-        ("**phone model**: fp16 ensemble of the no-KD students (the app's)", phone),
-        ("fp16 student (one distilled student)", models["distilled student fp16 (TFLite)"])]
-    rows = [("**shipped int8 student** (microcontroller, Pi)", models[shipped]), *fp16, tiny_row,
+    rows = [("**shipped int8 student** (microcontroller, Pi)", models[shipped]),
+            ("fp16 student (the phone app's)", models["distilled student fp16 (TFLite)"]), tiny_row,
             (f"best baseline ({best.removeprefix('baseline ')}, colour/texture features)", models[best])]
     lines = ["| model | HAM10000 holdout ROC-AUC [95% CI] | sens / spec | ISIC 2017 ROC-AUC [95% CI] | "
              "ISIC sens / spec | ISIC ECE | size MB |", "|---|---|---|---|---|---|---|"]
@@ -80,8 +76,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     readme = Path(args.readme)
     current = readme.read_text()
-    tiny, phone = (json.loads(path.read_text()) if path.is_file() else None for path in (TINY_EVAL, PHONE_EVAL))
-    wanted = with_table(current, headline_table(json.loads(RESULTS.read_text()), tiny, phone))
+    tiny = json.loads(TINY_EVAL.read_text()) if TINY_EVAL.is_file() else None
+    wanted = with_table(current, headline_table(json.loads(RESULTS.read_text()), tiny))
     if args.check:
         if wanted != current:
             print(f"error: {readme}'s headline table differs from {RESULTS.relative_to(ROOT)}: "

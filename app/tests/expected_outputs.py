@@ -78,7 +78,7 @@ def non_square_copies(paths: list[Path], folder: Path) -> list[Path]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default=str(REPO / "results/reference_ham10000/phone_ensemble_fp16.tflite"))
+    parser.add_argument("--model", default=str(REPO / "results/reference_ham10000/student_fp16.tflite"))
     parser.add_argument("--data", default=str(REPO.parent / "shared/data/ham10000"))
     parser.add_argument("--n", type=int, default=20)
     parser.add_argument("--refer", type=int, default=0, help="also the n images nearest the threshold")
