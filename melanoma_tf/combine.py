@@ -70,6 +70,15 @@ def make_soup(run_dirs: Sequence[str | Path], out: str | Path,
     return _write_run(out, stage_dirs, first, members, "soup")
 
 
+def mean_logit_model(members: Sequence) -> "keras.Model":
+    """One Keras model whose output is the mean of the members' outputs (logits) for the same image."""
+    for i, model in enumerate(members):
+        model._name = f"member_{i}"  # unique layer names inside the ensemble
+    image = keras.Input(members[0].input_shape[1:], name="image")
+    logits = keras.layers.Average(name="ensemble_mean")([m(image, training=False) for m in members])
+    return keras.Model(image, logits, name="ensemble")
+
+
 def make_ensemble(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
     """The mean-logit ensemble of the members as one model in ``out`` (a run folder); returns it.
 
@@ -86,11 +95,8 @@ def make_ensemble(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
             raise RunError(f"--runs {stage_dir}: input {model.input_shape} and output {model.output_shape}, "
                            f"{stage_dirs[0]} has {members[0].input_shape} and {members[0].output_shape}: an "
                            "ensemble's members take one image size and give one kind of output")
-        model._name = f"member_{i}"  # unique layer names inside the ensemble
         members.append(model)
-    image = keras.Input(members[0].input_shape[1:], name="image")
-    logits = keras.layers.Average(name="ensemble_mean")([m(image, training=False) for m in members])
-    ensemble = keras.Model(image, logits, name="ensemble")
+    ensemble = mean_logit_model(members)
     record = _members(stage_dirs, np.full(len(stage_dirs), 1.0 / len(stage_dirs)), "ensemble")
     return _write_run(out, stage_dirs, ensemble, record, "ensemble")
 

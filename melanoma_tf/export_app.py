@@ -19,6 +19,19 @@ Writes into ``--out``:
   (sensitivity/specificity at the validation-chosen threshold, ROC-AUC with its
   interval, on which images) and what it was trained on.
 
+A mean-logit ensemble (``python -m melanoma_tf.soup --ensemble``, then ``quantize``)
+ships as its members, each in its own file, with ``--members`` naming each member's
+quantized file::
+
+    python -m melanoma_tf.export_app --model runs/phone_ensemble/tflite/fp16.tflite \
+        --members runs/student_seed{1,2,3}/tflite/fp16.tflite --out app/public/model
+
+The app then runs ``member-1.tflite`` ... and averages their logits; the threshold,
+calibration and measured numbers are the ensemble's (the file that was evaluated).
+Before anything is written, the mean of the members' logits must equal the
+ensemble's on probe images, so a file that is not one of its members is refused. The
+members stay under the repository's 5 MB per-file limit where the one-file ensemble does not.
+
 The evaluation comes from ``python -m melanoma_tf.evaluate`` on the same model:
 ``--metrics`` or, found beside the model, ``eval_<stem>/metrics.json`` (a quantize
 run folder) or ``<stem>_eval.json`` (a reference results folder). Its recorded
@@ -39,13 +52,15 @@ from typing import Optional
 from melanoma_tf.cli import run_main
 from melanoma_tf.errors import MelanomaTfError
 from melanoma_tf.files import write_atomic, write_json
-from melanoma_tf.tflite import verify_model_file
+from melanoma_tf.tflite import read_sidecar, verify_flatbuffer, verify_model_file
 
 log = logging.getLogger(__name__)
 
 APP_MODEL = "model.tflite"
 APP_SIDECAR = "model.json"
 APP_INFO = "app.json"
+APP_MEMBER = "member-{}.tflite"
+MEMBER_TOLERANCE = 1e-3  # largest |mean of the members' logits - the ensemble's logit| on the probe images
 DEFAULT_TRAINED_ON = ("HAM10000: dermoscopy images of pigmented skin lesions from two clinics, in Vienna "
                       "(Austria) and Queensland (Australia), mostly of people with light skin")
 
@@ -208,15 +223,78 @@ def app_info(metrics_path: Path, sidecar: dict, trained_on: str) -> dict:
                **_scores(metrics)}
     external = [{"name": name, "description": "another archive, other clinics and cameras", **_scores(result)}
                 for name, result in sorted((metrics.get("external") or {}).items()) if "roc_auc" in result]
-    return {"model": APP_MODEL, "sidecar": APP_SIDECAR,
+    return {"models": [APP_MODEL], "sidecar": APP_SIDECAR,
             "threshold_source": metrics.get("threshold_source", "validation"),
             "target_sensitivity": sidecar.get("target_sensitivity", metrics.get("target_sensitivity")),
             "tested_on": [holdout, *external], "trained_on": trained_on}
 
 
+def _app_flatbuffer(path: Path, sidecar: dict) -> tuple[bytes, dict]:
+    """The flatbuffer the app runs for ``path`` (batch 1, float interface) and its sidecar's changed keys."""
+    data = static_batch_flatbuffer(path.read_bytes())
+    if sidecar["input_dtype"] == "int8" and sidecar["output_dtype"] == "int8":
+        return float_io_flatbuffer(data), {
+            "input_dtype": "float32", "output_dtype": "float32",
+            "interface": "float32 image in, float32 logit out; QUANTIZE/DEQUANTIZE around the int8 network added "
+                         "by melanoma_tf.export_app"}
+    if "int8" in (sidecar["input_dtype"], sidecar["output_dtype"]):
+        raise ExportError(f"{path}: mixed {sidecar['input_dtype']} -> {sidecar['output_dtype']} interface")
+    return data, {}
+
+
+def _probe_logits(data: bytes, size: int, images) -> "np.ndarray":
+    import tempfile
+
+    from melanoma_tf.tflite import TFLiteModel
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "probe.tflite"
+        path.write_bytes(data)
+        return TFLiteModel(path).predict(images)[:, 0]
+
+
+def member_flatbuffers(model_path: Path, sidecar: dict, members: list[Path], probes: int = 3) -> list[bytes]:
+    """The app's flatbuffers of ``members``, checked to be the ensemble at ``model_path`` taken apart.
+
+    Each member needs a sidecar with the ensemble's input size and preprocessing, and
+    the mean of their logits must equal the ensemble's on ``probes`` seeded random
+    images (within ``MEMBER_TOLERANCE``): what the app computes is what was evaluated.
+
+    Raises:
+      ExportError: naming the member that does not fit, or the largest difference.
+    """
+    import numpy as np
+
+    if len(members) < 2:
+        raise ExportError(f"--members names {len(members)} file(s): an ensemble has two or more")
+    size = int(sidecar["input_size"])
+    datas = []
+    for member in members:
+        member_sidecar = verify_model_file(member)
+        if member_sidecar is None:
+            raise ExportError(f"{member}: no sidecar {member.with_suffix('.json').name} beside it (a member is a "
+                              "melanoma_tf.quantize output)")
+        for key in ("input_size", "preprocessing", "labels"):
+            if member_sidecar.get(key) != sidecar.get(key):
+                raise ExportError(f"{member.with_suffix('.json')}: {key} {member_sidecar.get(key)!r} is not the "
+                                  f"ensemble's {sidecar.get(key)!r}")
+        datas.append(_app_flatbuffer(member, member_sidecar)[0])
+    images = np.random.default_rng(0).uniform(0.0, 255.0, (probes, size, size, 3)).astype(np.float32)
+    ensemble = _probe_logits(_app_flatbuffer(model_path, sidecar)[0], size, images)
+    mean = np.mean([_probe_logits(data, size, images) for data in datas], axis=0)
+    worst = float(np.max(np.abs(mean - ensemble)))
+    if not worst <= MEMBER_TOLERANCE:
+        raise ExportError(f"{model_path}: the mean logit of --members {', '.join(str(m) for m in members)} differs "
+                          f"from the ensemble's by up to {worst:.4g} on {probes} probe images: not its members")
+    log.info("members of %s: mean logit within %.2g of the ensemble's on %d probe images", model_path.name,
+             worst, probes)
+    return datas
+
+
 def export_app(model_path: str | Path, out_dir: str | Path, metrics: Optional[str | Path] = None,
-               trained_on: str = DEFAULT_TRAINED_ON) -> list[Path]:
-    """Writes ``model.tflite``, ``model.json`` and ``app.json`` for the app into ``out_dir``.
+               trained_on: str = DEFAULT_TRAINED_ON, members: Optional[list[str | Path]] = None) -> list[Path]:
+    """Writes ``model.tflite`` (or one ``member-<i>.tflite`` per ensemble member), ``model.json`` and
+    ``app.json`` for the app into ``out_dir``; model files of an earlier export that are not rewritten go.
 
     Returns:
       The written paths.
@@ -236,26 +314,76 @@ def export_app(model_path: str | Path, out_dir: str | Path, metrics: Optional[st
         raise ExportError(f"{model_path}: the app shows one melanoma probability; this is a "
                           f"{sidecar.get('labels')} model")
     info = app_info(find_metrics(model_path, Path(metrics) if metrics else None), sidecar, trained_on)
-    data = static_batch_flatbuffer(model_path.read_bytes())
-    app_sidecar = dict(sidecar)
-    if sidecar["input_dtype"] == "int8" and sidecar["output_dtype"] == "int8":
-        data = float_io_flatbuffer(data)
+    data, interface = _app_flatbuffer(model_path, sidecar)
+    app_sidecar = dict(sidecar, **interface)
+    if interface:
         for key in ("input_scale", "input_zero_point", "output_scale", "output_zero_point", "tflm_arena_bytes"):
             app_sidecar.pop(key, None)
-        app_sidecar.update(input_dtype="float32", output_dtype="float32",
-                           interface="float32 image in, float32 logit out; QUANTIZE/DEQUANTIZE around the int8 "
-                                     "network added by melanoma_tf.export_app")
-    elif "int8" in (sidecar["input_dtype"], sidecar["output_dtype"]):
-        raise ExportError(f"{model_path}: mixed {sidecar['input_dtype']} -> {sidecar['output_dtype']} interface")
-    app_sidecar.update(model=APP_MODEL, size_bytes=len(data), sha256=hashlib.sha256(data).hexdigest(),
-                       derived_from={"model": model_path.name, "sha256": sidecar["sha256"]})
+    app_sidecar.update(derived_from={"model": model_path.name, "sha256": sidecar["sha256"]})
+    if members:
+        datas = member_flatbuffers(model_path, sidecar, [Path(m) for m in members])
+        names = [APP_MEMBER.format(i + 1) for i in range(len(datas))]
+        for key in ("model", "size_bytes", "sha256"):
+            app_sidecar.pop(key, None)
+        app_sidecar.update(combine="mean_logit", members=[
+            {"model": name, "size_bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest(),
+             "derived_from": {"model": str(Path(m).name), "sha256": read_sidecar(m)["sha256"]}}
+            for name, blob, m in zip(names, datas, members)])
+        info["models"] = names
+    else:
+        datas, names = [data], [APP_MODEL]
+        app_sidecar.update(model=APP_MODEL, size_bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / APP_MODEL, out_dir / APP_SIDECAR, out_dir / APP_INFO]
-    write_atomic(paths[0], data)
-    write_json(paths[1], app_sidecar)
-    write_json(paths[2], info)
-    verify_model_file(paths[0])  # the written file opens and matches what the app will check
+    paths = [out_dir / name for name in names] + [out_dir / APP_SIDECAR, out_dir / APP_INFO]
+    for path, blob in zip(paths, datas):
+        write_atomic(path, blob)
+    write_json(out_dir / APP_SIDECAR, app_sidecar)
+    write_json(out_dir / APP_INFO, info)
+    # model files of an earlier export go only once the new ones are all written
+    for stale in sorted({*out_dir.glob(APP_MEMBER.format("*")), out_dir / APP_MODEL} - set(paths)):
+        stale.unlink(missing_ok=True)
+    read_app_folder(out_dir)  # the written files open and match what the app will check
     return paths
+
+
+def read_app_folder(folder: str | Path) -> tuple[dict, dict, list[Path]]:
+    """What the app loads from ``folder``: ``app.json``, the sidecar and the model file(s), each file checked
+    against the sidecar's size and sha256 as the page checks it.
+
+    Raises:
+      ExportError, melanoma_tf.tflite.FlatbufferError: naming the file that is missing or wrong.
+    """
+    folder = Path(folder)
+    try:
+        info = json.loads((folder / APP_INFO).read_text())
+        sidecar = json.loads((folder / APP_SIDECAR).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ExportError(f"{folder}: not an exported app model folder ({err})") from None
+    entries = sidecar.get("members") or [sidecar]
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and isinstance(e.get("model"), str)
+                                                  for e in entries):
+        raise ExportError(f"{folder / APP_SIDECAR}: 'members' must be a list of {{model, size_bytes, sha256}}")
+    if [e.get("model") for e in entries] != info.get("models"):
+        raise ExportError(f"{folder / APP_INFO}: models {info.get('models')} are not the sidecar's "
+                          f"{[e.get('model') for e in entries]}")
+    paths = []
+    for entry in entries:
+        path = folder / entry["model"]
+        blob = verify_flatbuffer(path)
+        if len(blob) != entry.get("size_bytes") or hashlib.sha256(blob).hexdigest() != entry.get("sha256"):
+            raise ExportError(f"{path}: not the file {folder / APP_SIDECAR} describes (size or sha256)")
+        paths.append(path)
+    return info, sidecar, paths
+
+
+def app_logits(folder: str | Path, images) -> "np.ndarray":
+    """The logit the app computes for each image in ``folder``'s model(s): the members' mean for an ensemble."""
+    import numpy as np
+
+    from melanoma_tf.tflite import TFLiteModel
+
+    _, _, paths = read_app_folder(folder)
+    return np.mean([TFLiteModel(path).predict(images)[:, 0] for path in paths], axis=0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -264,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default="app/public/model", help="the app's model folder")
     parser.add_argument("--metrics", help="metrics.json of melanoma_tf.evaluate on this model (default: found "
                                           "beside the model)")
+    parser.add_argument("--members", nargs="+", metavar="TFLITE",
+                        help="ship an ensemble --model as these members, each a quantize output of a run the "
+                             "ensemble averages (soup --ensemble --runs)")
     parser.add_argument("--trained-on", default=DEFAULT_TRAINED_ON, help="what the page says the model learned from")
     return parser
 
@@ -271,7 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     return run_main(lambda: "\n".join(f"wrote {path}" for path in
-                                      export_app(args.model, args.out, args.metrics, args.trained_on)))
+                                      export_app(args.model, args.out, args.metrics, args.trained_on,
+                                                 args.members)))
 
 
 if __name__ == "__main__":

@@ -10,8 +10,18 @@ from pathlib import Path
 from typing import Any
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
-    """Writes a file via a temporary file in the same folder and a rename."""
+    """Writes a file via a temporary file in the same folder and a rename.
+
+    The file gets the permissions ``open()`` would give it (0666 less the umask), not the temporary
+    file's 0600: a model or sidecar served by a web server or read by another user stays readable.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     mode = "wb" if isinstance(data, bytes) else "w"
@@ -21,6 +31,7 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

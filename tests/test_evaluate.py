@@ -316,8 +316,30 @@ def test_json_holds_no_nan_for_undefined_metrics(tmp_path):
     assert male["n_melanoma"] == 0 and male["roc_auc"] is None and male["sensitivity"] is None
 
 
+def test_atomic_writes_leave_files_readable_as_open_would(tmp_path):
+    """write_atomic goes through a temporary file (mode 0600); the result must get open()'s mode, so a model
+    folder served by a web server or shared with other users stays readable."""
+    import os
+    import stat
+
+    from melanoma_tf.files import write_atomic, write_json
+
+    old = os.umask(0o022)
+    try:
+        write_atomic(tmp_path / "model.tflite", b"TFL3")
+        write_json(tmp_path / "model.json", {"a": 1})
+        (tmp_path / "plain.txt").write_text("open()")
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+        os.umask(0o077)
+        write_atomic(tmp_path / "private.bin", b"x")
+    finally:
+        os.umask(old)
+    assert modes == {"model.tflite": 0o644, "model.json": 0o644, "plain.txt": 0o644}
+    assert stat.S_IMODE((tmp_path / "private.bin").stat().st_mode) == 0o600
+
+
 @pytest.mark.parametrize("name", ["student_int8_eval.json", "student_fp16_eval.json",
-                                  "tiny_student_int8_eval.json", "metrics.json"])
+                                  "tiny_student_int8_eval.json", "phone_ensemble_fp16_eval.json", "metrics.json"])
 def test_committed_results_are_strict_json(name):
     path = REPO / "results" / "reference_ham10000" / name
     json.loads(path.read_text(), parse_constant=_refuse_nan)

@@ -27,7 +27,8 @@ def test_plan_trains_students_on_one_split_and_distils_from_the_ensemble(tmp_pat
                                        "student_seed2_on_validation", "student_seed3_on_validation",
                                        "distill_seed1", "distill_seed2", "distill_seed3",
                                        "quantize", "int8_on_validation", "qat_on_validation", "tiny_student",
-                                       "tiny_quantize", "phone_ensemble", "phone_quantize", "baselines"]
+                                       "tiny_quantize", "phone_ensemble", "phone_quantize", "phone_member_seed1",
+                                       "phone_member_seed2", "phone_member_seed3", "phone_app", "baselines"]
     argv = {s.name: " ".join(s.argv) for s in steps}
     for teacher in ("teacher", "teacher_efficientnet_lite0"):  # both at the teacher size, with the same overrides
         assert "data.image_size=224" in argv[teacher] and "stages=[teacher]" in argv[teacher]
@@ -45,6 +46,11 @@ def test_plan_trains_students_on_one_split_and_distils_from_the_ensemble(tmp_pat
     students = " ".join(str(tmp_path / f"student_seed{s}") for s in (1, 2, 3))
     assert f"melanoma_tf.soup --ensemble --runs {students} --out {tmp_path / 'phone_ensemble'}" in argv["phone_ensemble"]
     assert f"--run {tmp_path / 'phone_ensemble'} --modes fp16" in argv["phone_quantize"]
+    # the app gets it as its members' fp16 files, in soup's order
+    assert f"--run {tmp_path / 'student_seed2'} --modes fp16" in argv["phone_member_seed2"]
+    member_files = " ".join(str(tmp_path / f"student_seed{s}" / "tflite" / "fp16.tflite") for s in (1, 2, 3))
+    assert f"export_app --model {tmp_path / 'phone_ensemble' / 'tflite' / 'fp16.tflite'} --members {member_files} " \
+           f"--out {tmp_path / 'phone_app'}" in argv["phone_app"]
     assert "--modes fp32,fp16,int8,qat" in argv["quantize"] and "--qat-epochs 3" in argv["quantize"]
     assert f"--run {tmp_path / 'distill_seed1'}" in argv["quantize"]
     assert f"--run {tmp_path / 'distill_seed1'}" in argv["baselines"]  # baselines use the distilled run's split
@@ -208,10 +214,15 @@ def test_assemble_writes_the_results_folder_and_checks_the_targets(tmp_path):
     assert tiny["model"] == "tiny_student_int8.tflite" and tiny["source_run"].startswith("tiny_student of ")
     assert (results / "tiny_student_int8.tflite").read_bytes() == (out / "tiny_student" / "tflite" /
                                                                   "int8.tflite").read_bytes()
-    # the students' ensemble is scored beside the rest, but its file (over 5 MB at full size) is not shipped
+    # the students' ensemble (the phone app's, as its members' files): sidecar and evaluation, but not its one
+    # file, over 5 MB at full size
     assert summary["models"]["phone ensemble fp16 (TFLite, 3 no-KD students)"]["roc_auc"] == 0.94
-    assert not list(results.glob("phone_ensemble*"))
-    for name, auc in (("student_int8", 0.93), ("student_fp16", 0.925), ("tiny_student_int8", 0.915)):
+    assert sorted(p.name for p in results.glob("phone_ensemble*")) == ["phone_ensemble_fp16.json",
+                                                                      "phone_ensemble_fp16_eval.json"]
+    phone = json.loads((results / "phone_ensemble_fp16.json").read_text())
+    assert "its 3 members' fp16 files" in phone["shipped_as"] and "/machine" not in phone["source_run"]
+    for name, auc in (("student_int8", 0.93), ("student_fp16", 0.925), ("tiny_student_int8", 0.915),
+                      ("phone_ensemble_fp16", 0.94)):
         evaluation = json.loads((results / f"{name}_eval.json").read_text())
         assert evaluation["model"] == f"{name}.tflite" and evaluation["roc_auc"] == auc
     text = (results / "report.md").read_text()
@@ -299,3 +310,28 @@ def test_assemble_without_separate_teachers(tmp_path):
     text = (results / "report.md").read_text()
     assert "No separate teacher was trained; the best no-KD student scores validation ROC-AUC 0.920" in text
     assert "| student no-KD seed 1 |" in text and "| teacher" not in text
+
+
+def test_the_app_gets_the_phone_ensembles_members_and_nothing_of_the_old_model_stays(tmp_path):
+    from test_export_app import _members_and_ensemble
+
+    from melanoma_tf import export_app as EA
+    from melanoma_tf.tflite import FlatbufferError
+
+    ensemble, members, _ = _members_and_ensemble(tmp_path, n=2)
+    source = tmp_path / "run" / RR.PHONE_APP
+    EA.export_app(ensemble, source, members=members)
+    app = tmp_path / "app_model"
+    app.mkdir()
+    for name in ("model.tflite", "model.json", "app.json"):
+        (app / name).write_text("the previous single model")
+    (app / "README.txt").write_text("not the app's model: left alone")
+    RR.install_app_model(source, app)
+    assert sorted(p.name for p in app.iterdir()) == ["README.txt", "app.json", "member-1.tflite", "member-2.tflite",
+                                                     "model.json"]
+    for path in source.iterdir():
+        assert (app / path.name).read_bytes() == path.read_bytes()
+    (source / "member-1.tflite").write_bytes((source / "member-1.tflite").read_bytes()[:100])
+    with pytest.raises(FlatbufferError, match="member-1.tflite"):
+        RR.install_app_model(source, app)  # refused before anything in the app changes
+    EA.read_app_folder(app)

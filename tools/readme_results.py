@@ -5,10 +5,11 @@
     python tools/readme_results.py --check    # exit 1 if README.md's table is not what results/ says
 
 Reads ``results/reference_ham10000/metrics.json`` (written by ``tools/reference_run.py``) and
-writes the rows a newcomer needs: the shipped int8 student, the phone app's fp16 model, the
-microcontroller-class tiny student and the best baseline, on the HAM10000 holdout and ISIC 2017.
-The tiny student's row is the evaluation of the committed file (``tiny_student_int8_eval.json``
-beside the metrics) when there is one.
+writes the rows a newcomer needs: the shipped int8 student, the phone app's model (the students'
+fp16 ensemble), the fp16 student, the microcontroller-class tiny student and the best baseline, on
+the HAM10000 holdout and ISIC 2017. The tiny student's and the phone ensemble's rows are the
+evaluations of what is committed (``tiny_student_int8_eval.json``, ``phone_ensemble_fp16_eval.json``
+beside the metrics) when there are.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Optional
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results" / "reference_ham10000" / "metrics.json"
 TINY_EVAL = RESULTS.parent / "tiny_student_int8_eval.json"
+PHONE_EVAL = RESULTS.parent / "phone_ensemble_fp16_eval.json"
 START, END = "<!-- headline table: tools/readme_results.py -->", "<!-- end of headline table -->"
 EXTERNAL = "isic2017"
 
@@ -31,12 +33,13 @@ def _auc(m: dict) -> str:
     return f"{m['roc_auc']:.3f} [{low:.3f}, {high:.3f}]"
 
 
-def headline_table(metrics: dict, tiny: Optional[dict] = None) -> str:
+def headline_table(metrics: dict, tiny: Optional[dict] = None, phone: Optional[dict] = None) -> str:
     """Markdown rows: what ships (int8, QAT or post-training as the run chose), the app's fp16, the tiny student,
     and the baseline with the best holdout ROC-AUC.
 
     ``tiny``: the evaluation of the committed tiny student (``tiny_student_int8_eval.json``); without it the row
-    is the run's own tiny student, whose file was not committed.
+    is the run's own tiny student, whose file was not committed. ``phone``: the evaluation of the phone app's
+    ensemble (``phone_ensemble_fp16_eval.json``); without it the fp16 student is the app's.
     """
     models = metrics["models"]
     shipped = f"distilled student {metrics['shipped_int8']['mode'].upper().replace('INT8', 'PTQ')} int8 (TFLite)"
@@ -47,8 +50,10 @@ def headline_table(metrics: dict, tiny: Optional[dict] = None) -> str:
     tiny_row = (("tiny int8 student, distilled (512 KB-class boards)", tiny) if tiny is not None else
                 ("tiny int8 student, distilled (512 KB-class boards; file not committed)",
                  models[next(n for n in models if n.startswith("tiny student"))]))
-    rows = [("**shipped int8 student** (microcontroller, Pi)", models[shipped]),
-            ("fp16 student (the phone app's)", models["distilled student fp16 (TFLite)"]), tiny_row,
+    fp16 = models["distilled student fp16 (TFLite)"]
+    phone_rows = ([("fp16 ensemble of the no-KD students (the phone app's)", phone), ("fp16 student", fp16)]
+                  if phone is not None else [("fp16 student (the phone app's)", fp16)])
+    rows = [("**shipped int8 student** (microcontroller, Pi)", models[shipped]), *phone_rows, tiny_row,
             (f"best baseline ({best.removeprefix('baseline ')}, colour/texture features)", models[best])]
     lines = ["| model | HAM10000 holdout ROC-AUC [95% CI] | sens / spec | ISIC 2017 ROC-AUC [95% CI] | "
              "ISIC sens / spec | ISIC ECE | size MB |", "|---|---|---|---|---|---|---|"]
@@ -77,7 +82,8 @@ def main(argv=None) -> int:
     readme = Path(args.readme)
     current = readme.read_text()
     tiny = json.loads(TINY_EVAL.read_text()) if TINY_EVAL.is_file() else None
-    wanted = with_table(current, headline_table(json.loads(RESULTS.read_text()), tiny))
+    phone = json.loads(PHONE_EVAL.read_text()) if PHONE_EVAL.is_file() else None
+    wanted = with_table(current, headline_table(json.loads(RESULTS.read_text()), tiny, phone))
     if args.check:
         if wanted != current:
             print(f"error: {readme}'s headline table differs from {RESULTS.relative_to(ROOT)}: "

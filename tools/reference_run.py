@@ -8,8 +8,9 @@ the same command again after a crash and finished steps are skipped, a killed
 training continues from its last epoch. At the end the summary is assembled in
 ``--results`` (default ``results/<config name>``): ``report.md``,
 ``metrics.json``, the comparison plots, ``student_int8.tflite`` (the microcontroller's),
-``student_fp16.tflite`` (the phone app's) and ``tiny_student_int8.tflite`` (512 KB-class boards), each with
-its sidecar and evaluation, and the run's ``splits.csv``. The last line
+``student_fp16.tflite`` (the fp16 student) and ``tiny_student_int8.tflite`` (512 KB-class boards), each with
+its sidecar and evaluation, and the run's ``splits.csv``; the phone app's model folder
+(``--app-model``, default ``app/public/model``) gets the phone ensemble's members. The last line
 printed is ``reference: <results folder>``.
 """
 
@@ -44,6 +45,7 @@ class Step:
 
 
 TINY_CONFIG = "distill_mobilenetv3_tiny.yaml"
+PHONE_APP = "phone_app"  # the app's model folder as export_app writes it; copied to --app-model at the end
 
 
 def teacher_configs(names: str) -> dict[str, Optional[str]]:
@@ -125,8 +127,9 @@ def plan(config: Path, overrides: list[str], out: Path, teacher_size: int, seeds
     steps.append(Step("tiny_quantize", py + ["melanoma_tf.quantize", "--run", str(tiny), "--modes", "fp32,int8",
                                              "--bootstrap", str(bootstrap)],
                       tiny / "tflite" / "int8.json"))
-    # The no-KD students' mean-logit ensemble as one fp16 flatbuffer (about 2 MB per member, within the phone's
-    # 25 MB), scored beside the rest; not shipped: three members make a file over the repository's 5 MB limit.
+    # The phone's model: the no-KD students' mean-logit ensemble as one fp16 flatbuffer (about 2 MB per member,
+    # within the phone's 25 MB), evaluated as one file; the app gets it as its members' fp16 files (each under the
+    # repository's 5 MB per-file limit), which export_app checks to average to the evaluated ensemble's logit.
     phone = out / "phone_ensemble"
     steps.append(Step("phone_ensemble", py + ["melanoma_tf.soup", "--ensemble", "--runs",
                                               *[str(out / f"student_seed{s}") for s in seeds], "--out", str(phone)],
@@ -134,6 +137,15 @@ def plan(config: Path, overrides: list[str], out: Path, teacher_size: int, seeds
     steps.append(Step("phone_quantize", py + ["melanoma_tf.quantize", "--run", str(phone), "--modes", "fp16",
                                               "--bootstrap", str(bootstrap)],
                       phone / "tflite" / "fp16.json"))
+    for seed in seeds:
+        folder = out / f"student_seed{seed}"
+        steps.append(Step(f"phone_member_seed{seed}", py + ["melanoma_tf.quantize", "--run", str(folder), "--modes",
+                                                           "fp16", "--bootstrap", str(bootstrap)],
+                          folder / "tflite" / "fp16.json"))
+    steps.append(Step("phone_app", py + ["melanoma_tf.export_app", "--model", str(phone / "tflite" / "fp16.tflite"),
+                                         "--members", *[str(out / f"student_seed{s}" / "tflite" / "fp16.tflite")
+                                                        for s in seeds], "--out", str(out / PHONE_APP)],
+                      out / PHONE_APP / "app.json"))
     steps.append(Step("baselines", py + ["melanoma_tf.baselines"] + base +
                       ["--set", f"output.dir={out}", "--set", "output.name=baselines", "--run", str(first),
                        "--bootstrap", str(bootstrap)],
@@ -178,6 +190,20 @@ def _external(metrics: dict, name: str, key: str) -> Optional[float]:
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def install_app_model(source: Path, target: Path) -> None:
+    """``target`` (the app's model folder) becomes export_app's output ``source``: its model files, sidecar and
+    app.json replace the old ones, each checked before and after the copy."""
+    from melanoma_tf.export_app import APP_INFO, APP_SIDECAR, read_app_folder
+
+    read_app_folder(source)
+    target.mkdir(parents=True, exist_ok=True)
+    for old in [*target.glob("*.tflite"), target / APP_SIDECAR, target / APP_INFO]:
+        old.unlink(missing_ok=True)
+    for new in sorted(source.iterdir()):
+        shutil.copyfile(new, target / new.name)
+    read_app_folder(target)
 
 
 def assemble(out: Path, results: Path, seeds: list[int], timings: dict, command: str,
@@ -315,6 +341,13 @@ def assemble(out: Path, results: Path, seeds: list[int], timings: dict, command:
     tiny = out / "tiny_student"
     if (tiny / "tflite" / "int8.tflite").is_file():
         ship(tiny, "int8", tiny / "tflite" / "eval_int8", results, "tiny_student_int8", command)
+    # The phone app's ensemble: its sidecar and evaluation; the file itself (over the repository's 5 MB per-file
+    # limit) ships as its members' files in the app (install_app_model).
+    phone = out / "phone_ensemble"
+    if (phone / "tflite" / "fp16.tflite").is_file():
+        ship(phone, "fp16", phone / "tflite" / "eval_fp16", results, "phone_ensemble_fp16", command,
+             shipped_as=f"its {len(seeds)} members' fp16 files in the phone app (app/public/model, written by "
+                        "python -m melanoma_tf.export_app --members)")
     shutil.copyfile(first / "splits.csv", results / "splits.csv")
 
     rows = []
@@ -443,6 +476,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--seeds", default="1,2,3", help="seeds of the no-KD students (also ensemble members)")
     parser.add_argument("--qat-epochs", type=int, default=2)
     parser.add_argument("--bootstrap", type=int, default=1000)
+    parser.add_argument("--app-model", default=str(ROOT / "app" / "public" / "model"),
+                        help="the phone app's model folder, given the phone ensemble's members at the end ('' "
+                             "leaves it alone)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
     args = parser.parse_args(argv)
     config = Path(args.config)
@@ -478,6 +514,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                        + (["--teachers", ",".join(teachers)] if teachers else [])
                        + [a for o in args.overrides for a in ("--set", o)])
     summary = assemble(out, results, seeds, timings, command, bootstrap=args.bootstrap, teachers=tuple(teachers))
+    if args.app_model:
+        install_app_model(out / PHONE_APP, Path(args.app_model))
+        print(f"app model: {args.app_model}", flush=True)
     for target in summary["targets"]:
         print(f"target {target['target']}: {target['value']:.3f} (goal {target['goal']}) "
               f"{'OK' if target['met'] else 'MISSED'}")

@@ -33,18 +33,25 @@ def shipped_evaluation(eval_dir: Path, model_name: str, run_name: str, model_fil
     return evaluation
 
 
-def ship(run: Path, mode: str, eval_dir: Path, results: Path, name: str, command: str) -> Path:
+def ship(run: Path, mode: str, eval_dir: Path, results: Path, name: str, command: str,
+         shipped_as: str = "") -> Path:
     """Copies ``run``'s ``tflite/<mode>.tflite`` into ``results`` as ``<name>.tflite``, with its sidecar and its
-    evaluation, both naming the file there and no path of this machine; returns the copied model."""
+    evaluation, both naming the file there and no path of this machine; returns the copied model.
+
+    ``shipped_as``: the model ships in another form (an ensemble as its members' files, the phone app's): the
+    flatbuffer is not copied, and the sidecar says where the model is instead."""
     source = run / "tflite" / f"{mode}.tflite"
     for needed in (source, source.with_suffix(".json"), eval_dir / "metrics.json"):
         if not needed.is_file():
             raise FileNotFoundError(f"{needed}: not found (quantize the run first: python -m melanoma_tf.quantize "
                                     f"--run {run} --modes {mode})")
     results.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source, results / f"{name}.tflite")
+    if not shipped_as:
+        shutil.copyfile(source, results / f"{name}.tflite")
     sidecar = json.loads(source.with_suffix(".json").read_text())
     sidecar.update(model=f"{name}.tflite", source_run=f"{run.name} of {command}")
+    if shipped_as:
+        sidecar["shipped_as"] = shipped_as
     write_json(results / f"{name}.json", sidecar)
     evaluation = shipped_evaluation(eval_dir, f"{name}.tflite", run.name, source)
     evaluation["model_name"] = f"{run.name}/{mode}"
@@ -59,16 +66,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--name", required=True, help="file stem in the results folder")
     parser.add_argument("--results", required=True, type=Path, help="the results folder")
     parser.add_argument("--command", required=True, help="the command that trained the run (recorded)")
+    parser.add_argument("--shipped-as", default="", help="the model ships in another form (say which): its "
+                                                         "sidecar and evaluation only, not the flatbuffer")
     args = parser.parse_args(argv)
     try:
         shipped = ship(args.run, args.mode, args.run / "tflite" / f"eval_{args.mode}", args.results, args.name,
-                       args.command)
+                       args.command, args.shipped_as)
         if (args.run / "splits.csv").is_file():  # which images the evaluation's holdout is
             shutil.copyfile(args.run / "splits.csv", args.results / "splits.csv")
     except (FileNotFoundError, json.JSONDecodeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    print(f"shipped: {shipped}")
+    print(f"shipped: {shipped if not args.shipped_as else shipped.with_suffix('.json')}")
     return 0
 
 

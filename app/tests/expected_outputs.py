@@ -1,9 +1,11 @@
 """What the app must show for some shared HAM10000 images, computed by the Python side.
 
-Run by tests/app.test.mjs (so the expected values are never typed by hand): the shipped int8
-model is run by the Python LiteRT interpreter on the images preprocessed as in training
-(melanoma_tf.pipeline.load_images, after the centre square the app crops), and the sidecar's calibration and decision rule are applied
-(melanoma_tf.export_app). Writes JSON: [{path, logit, probability, decision}, ...].
+Run by tests/app.test.mjs (so the expected values are never typed by hand): the app's model
+files (app/public/model: one model, or an ensemble's members whose logits are averaged) are run
+by the Python LiteRT interpreter on the images preprocessed as in training
+(melanoma_tf.pipeline.load_images, after the centre square the app crops), and the sidecar's
+calibration and decision rule are applied (melanoma_tf.export_app). That those files score what
+app.json claims is tests/test_export_app.py's check. Writes JSON: [{path, logit, probability, decision}, ...].
 
     python app/tests/expected_outputs.py --n 20 --out expected.json
 """
@@ -18,8 +20,7 @@ import numpy as np
 import pandas as pd
 
 from melanoma_tf.pipeline import load_images
-from melanoma_tf.export_app import decision, shown_probability
-from melanoma_tf.tflite import TFLiteModel, verify_model_file
+from melanoma_tf.export_app import app_logits, decision, read_app_folder, shown_probability
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -58,11 +59,23 @@ def centre_squares(paths: list[Path], folder: Path) -> list[Path]:
     return save_crops(paths, folder, box, lambda index, path: f"{index:03d}_{path.stem}.png")
 
 
+class AppModel:
+    """The app's model folder as the page runs it: the mean logit of its model file(s)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        _, self.sidecar, _ = read_app_folder(folder)
+        self.size = int(self.sidecar["input_size"])
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        return app_logits(self.folder, images)
+
+
 def near_threshold(root: Path, model, sidecar: dict, exclude: set, n: int, pool: int = 300) -> list[Path]:
     """The n images (of the first ``pool`` by id, not in ``exclude``) whose logits lie nearest the threshold:
     inside the refer band when it is wide enough, so the app's third answer is tested on real images."""
     present = sorted(p for p in (root / "images").glob("*.jpg") if p not in exclude)[:pool]
-    logits = model.predict(load_images([str(p) for p in present], int(model.input_shape[1])))[:, 0]
+    logits = model.predict(load_images([str(p) for p in present], model.size))
     order = np.argsort(np.abs(logits - float(sidecar["threshold_logit"])), kind="stable")
     return [present[i] for i in order[:n]]
 
@@ -78,7 +91,7 @@ def non_square_copies(paths: list[Path], folder: Path) -> list[Path]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default=str(REPO / "results/reference_ham10000/student_fp16.tflite"))
+    parser.add_argument("--app", default=str(REPO / "app/public/model"), help="the app's model folder")
     parser.add_argument("--data", default=str(REPO.parent / "shared/data/ham10000"))
     parser.add_argument("--n", type=int, default=20)
     parser.add_argument("--refer", type=int, default=0, help="also the n images nearest the threshold")
@@ -87,8 +100,8 @@ def main() -> int:
     parser.add_argument("--grid", action="store_true", help="also the decision for a grid of logits")
     parser.add_argument("--out", required=True, help="JSON file to write (stdout carries runtime logs)")
     args = parser.parse_args()
-    sidecar = verify_model_file(args.model)
-    model = TFLiteModel(args.model)
+    model = AppModel(Path(args.app))
+    sidecar = model.sidecar
     paths = pick_images(Path(args.data), args.n)
     kinds = ["picked"] * len(paths)
     if args.refer:
@@ -97,11 +110,11 @@ def main() -> int:
     if args.non_square:
         wide = non_square_copies(paths[:args.non_square], Path(args.work))
         paths, kinds = paths + wide, kinds + ["non_square"] * len(wide)
-    size = int(model.input_shape[1])
+    size = model.size
     with tempfile.TemporaryDirectory() as tmp:
         # What the app must compute: the training pipeline's pixels of the square the app crops.
-        logits = model.predict(load_images([str(p) for p in centre_squares(paths, Path(tmp))], size))[:, 0]
-    tf_logits = model.predict(load_images([str(p) for p in paths], size))[:, 0]
+        logits = model.predict(load_images([str(p) for p in centre_squares(paths, Path(tmp))], size))
+    tf_logits = model.predict(load_images([str(p) for p in paths], size))
     rows = [{"path": str(p), "kind": k, "logit": float(z), "probability": shown_probability(float(z), sidecar),
              "decision": decision(float(z), sidecar), "logit_tf_decode": float(t),
              "probability_tf_decode": shown_probability(float(t), sidecar)}
