@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -90,6 +91,12 @@ def test_points_come_in_the_design_order_and_pooling_follows_the_best_kd_point(t
     assert G.best_kd_point(out, grid, "bce").name == "kd-bce-T4-a0.1-avg"
     assert "kd-bce-T4-a0.1-max" in [p.name for p in G.expand(grid, out)]
     assert G.best_kd_point(out, grid, "focal") is None
+    # A max-pooling point trained while another KD point was the best is not dropped once a better one finishes.
+    _fake_point(out, G.Point("pooling", "bce", "max", 4.0, 0.1), quality=2.0)
+    _fake_point(out, G.Point("t_alpha", "bce", "avg", 1.0, 0.9), quality=3.5)
+    names = [p.name for p in G.expand(grid, out)]
+    assert {"kd-bce-T4-a0.1-max", "kd-bce-T1-a0.9-max"} <= set(names) and len(set(names)) == len(names)
+    assert "kd-bce-T4-a0.1-max" in set(G.score_grid(grid, out, n_boot=20)["point"])
 
     kd = G.overrides(grid, G.Point("t_alpha", "wbce", "avg", 4.0, 0.3), Path("/t"), out)
     assert "stages=[distill]" in kd and "distill.teacher=/t/{split}/seed*" in kd and "distill.alpha=0.3" in kd
@@ -131,7 +138,13 @@ def test_each_cell_is_scored_with_an_interval_and_paired_with_its_no_kd_row(tmp_
                         "predictions.csv") for c in CLINICS for s in (1, 2)]
     assert row["isic2017_mean"] == pytest.approx(np.mean([M.roc_auc(f["label"], f["probability"]) for f in isic]))
     assert row["isic2017_low"] < row["isic2017_mean"] < row["isic2017_high"]
-    assert "vs_nokd" not in base
+    assert "vs_nokd" not in base and "vs_avg" not in row
+    # a max-pooling point is also paired with the same point under average pooling
+    worse_max = G.Point("pooling", "bce", "max", 2.0, 0.5)
+    _fake_point(out, worse_max, quality=0.5)
+    pooled = G.score_point(out, worse_max, grid, n_boot=200)
+    assert pooled["vs_avg"] == pytest.approx(pooled["loco_mean"] - row["loco_mean"]) and pooled["vs_avg_high"] < 0
+    shutil.rmtree(out / worse_max.name)
 
     md = G.write_results(grid, out, tmp_path / "results", n_boot=100)
     text = md.read_text()

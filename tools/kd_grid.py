@@ -170,7 +170,8 @@ def best_kd_point(out: Path, grid: Grid, loss: str) -> Optional[Point]:
 
 
 def expand(grid: Grid, out: Path) -> list[Point]:
-    """The design's points in order, without repeats; the pooling phase looks at the KD points finished so far."""
+    """The design's points in order, without repeats; the pooling phase looks at the KD points finished so far
+    (max pooling at the best of them, and every max-pooling point already finished, chosen when it was the best)."""
     points: list[Point] = []
     for phase in grid.design:
         losses = phase.get("losses", list(grid.losses))
@@ -183,6 +184,9 @@ def expand(grid: Grid, out: Path) -> list[Point]:
         else:
             for loss in losses:
                 points.append(Point("pooling", loss, "max"))
+                # a point trained when another KD point was the best stays in the grid, scored like the rest
+                points += [Point("pooling", loss, "max", t, a) for t in grid.temperatures for a in grid.alphas
+                           if finished_loco(out, Point("pooling", loss, "max", t, a), grid) is not None]
                 best = best_kd_point(out, grid, loss)
                 if best is not None:
                     points.append(Point("pooling", loss, "max", best.temperature, best.alpha))
@@ -411,6 +415,14 @@ def score_point(out: Path, point: Point, grid: Grid, n_boot: int) -> Optional[di
                        vs_nokd_high=paired.get("high"))
         except Y.YardstickError as err:
             log.warning("%s: no paired comparison with %s (%s)", point.name, reference.name, err)
+    twin = out / Point("t_alpha", point.loss, "avg", point.temperature, point.alpha).name
+    if point.pooling == "max" and (twin / "plan.json").is_file():
+        try:
+            Y.compare(root, twin, root / "vs_avg", n_boot)
+            paired = json.loads((root / "vs_avg" / "compare.json").read_text())["loco_mean"]
+            row.update(vs_avg=paired.get("difference"), vs_avg_low=paired.get("low"), vs_avg_high=paired.get("high"))
+        except Y.YardstickError as err:
+            log.warning("%s: no paired comparison with %s (%s)", point.name, twin.name, err)
     return row
 
 
@@ -427,11 +439,11 @@ def _cell(row: dict, key: str) -> str:
     return f"{value:.3f} [{row[f'{key[:-5]}_low']:.3f}, {row[f'{key[:-5]}_high']:.3f}]"
 
 
-def _paired(row: dict) -> str:
-    value = row.get("vs_nokd")
+def _paired(row: dict, key: str = "vs_nokd") -> str:
+    value = row.get(key)
     if value is None or not np.isfinite(value):
         return ""
-    return f"{value:+.3f} [{row['vs_nokd_low']:+.3f}, {row['vs_nokd_high']:+.3f}]"
+    return f"{value:+.3f} [{row[f'{key}_low']:+.3f}, {row[f'{key}_high']:+.3f}]"
 
 
 def heatmaps(table: pd.DataFrame, grid: Grid, folder: Path) -> list[str]:
@@ -486,14 +498,15 @@ def write_results(grid: Grid, out: Path, folder: Path, n_boot: int = 500) -> Pat
              f"{', '.join(map(str, grid.seeds))}; the teacher of each run never saw its held-out clinic. "
              "LOCO: mean held-out ROC-AUC over clinics and seeds, 95% interval resampling lesions; "
              "vs no KD: paired difference from the no-KD row of the same loss and pooling (same images, seeds); "
+             "max vs avg: paired difference of a max-pooling point from the same point with average pooling; "
              f"{EXTERNAL}: mean over the same models, reported, never chosen on.", "",
              SNIPPET.format("start"),  # the table alone, for a documentation page (pymdownx.snippets)
-             "| point | phase | LOCO ROC-AUC | vs no KD | " + " | ".join(grid.clinics) + f" | {EXTERNAL} |",
-             "|---|---|---|---|" + "---|" * len(grid.clinics) + "---|"]
+             "| point | phase | LOCO ROC-AUC | vs no KD | max vs avg | " + " | ".join(grid.clinics)
+             + f" | {EXTERNAL} |", "|---|---|---|---|---|" + "---|" * len(grid.clinics) + "---|"]
     if not table.empty:
         for row in table.to_dict("records"):
             lines.append(f"| {row['point']} | {row['phase']} | {_cell(row, 'loco_mean')} | {_paired(row)} | "
-                         + " | ".join(f"{row[c]:.3f}" for c in grid.clinics)
+                         f"{_paired(row, 'vs_avg')} | " + " | ".join(f"{row[c]:.3f}" for c in grid.clinics)
                          + f" | {_cell(row, f'{EXTERNAL}_mean')} |")
     waiting = [p.name for p in planned if table.empty or p.name not in set(table["point"])]
     if waiting:
