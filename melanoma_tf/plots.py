@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Optional
 
 import matplotlib
 
@@ -162,10 +163,12 @@ def heatmap_plot(path: Path, values: np.ndarray, rows: list, columns: list, labe
 
 
 def interval_panel(path: Path, groups: dict[str, dict[str, tuple[float, float, float]]], ylabel: str,
-                   title: str) -> str:
-    """Points with 95% intervals side by side: ``{group: {variant: (mean, low, high)}}``."""
+                   title: str, order: Optional[list[str]] = None) -> str:
+    """Points with 95% intervals side by side: ``{group: {variant: (mean, low, high)}}``; the variants
+    named in ``order`` first, in that order, then the rest sorted."""
     fig, ax = plt.subplots(figsize=(1.6 * max(len(groups), 1) + 2, 3.5))
-    variants = sorted({v for g in groups.values() for v in g})
+    found = {v for g in groups.values() for v in g}
+    variants = [v for v in order or [] if v in found] + sorted(found - set(order or []))
     width = 0.8 / max(len(variants), 1)
     for k, variant in enumerate(variants):
         xs, means, errors = [], [], [[], []]

@@ -194,62 +194,6 @@ def test_archived_points_restore_on_another_machine_with_the_same_scores(tmp_pat
         G.archive_point(other, reference, grid, archive)
 
 
-@pytest.mark.slow
-def test_a_tiny_grid_trains_with_each_clinics_own_teacher_and_resumes(tmp_path, capsys):
-    """The grid: a no-KD row and one KD point, each holding out two clinics, each run with that clinic's teacher."""
-    root = synthetic.generate(tmp_path / "data", n_lesions=90, melanoma_fraction=0.4, image_size=40, seed=3)
-    meta = pd.read_csv(root / "HAM10000_metadata.csv")
-    lesions = sorted(meta["lesion_id"].unique())
-    meta["clinic"] = meta["lesion_id"].map({lesion: CLINICS[i % 2] for i, lesion in enumerate(lesions)})
-    meta.to_csv(root / "HAM10000_metadata.csv", index=False)
-    tiny = [f"data.root={root}", "data.image_size=32", "data.augment.rotation=0.0", "student.weights=null",
-            "student.minimalistic=true", "student.alpha=0.75", "student.bn_reestimate_images=0",
-            "train.epochs=1", "train.batch_size=32", "train.verbose=0", "train.warmup_epochs=0",
-            "data.source_column=clinic", "data.external=[]"]
-    teachers = tmp_path / "teachers"  # one small model per clinic, trained elsewhere without it
-    for k, clinic in enumerate(CLINICS):
-        _small_teacher(teachers / clinic / "seed1" / "model.keras", seed=k)
-        (teachers / clinic / "seed1" / "config.yaml").write_text(yaml.safe_dump({"data": {"holdout_source": clinic}}))
-    grid_file = _grid_file(tmp_path, seeds=[1], design=[{"phase": "reference", "losses": ["bce"]},
-                                                          {"phase": "t_alpha", "losses": ["bce"],
-                                                           "temperatures": [2], "alphas": [0.5]}])
-    values = yaml.safe_load(grid_file.read_text())
-    values["config"] = str(tmp_path / "point.yaml")
-    (tmp_path / "point.yaml").write_text(yaml.safe_dump({"base": str(REPO / "configs" / "kd_grid_student.yaml"),
-                                                         **_nested(tiny)}))
-    grid_file.write_text(yaml.safe_dump(values))
-    out, results = tmp_path / "grid", tmp_path / "results"
-    assert G.main(["--grid", str(grid_file), "--teachers", str(teachers), "--out", str(out),
-                   "--results", str(results)]) == 0
-    assert capsys.readouterr().out.strip().splitlines()[-1] == f"grid: {out} (2 point(s) run)"
-    for clinic in CLINICS:
-        run = out / "kd-bce-T2-a0.5-avg" / clinic / "seed1"
-        config = yaml.safe_load((run / "config.yaml").read_text())
-        assert config["distill"]["teacher"] == [str(teachers / clinic / "seed*")]
-        assert config["data"]["holdout_source"] == clinic
-        assert (run / "teacher_logits.npz").is_file()
-    assert len(list((out / "teacher_cache").glob("teacher_logits_*.npz"))) == 2  # one teacher per clinic
-    logs = {p: p.stat().st_size for p in out.rglob("seed*.log")}
-    assert G.main(["--grid", str(grid_file), "--teachers", str(teachers), "--out", str(out),
-                   "--results", str(results)]) == 0
-    assert {p: p.stat().st_size for p in out.rglob("seed*.log")} == logs  # finished: nothing trained again
-    assert sorted(p.name for p in (results / "points").glob("*.npz")) == ["kd-bce-T2-a0.5-avg.npz",
-                                                                          "nokd-bce-avg.npz"]
-    assert G.main(["--grid", str(grid_file), "--out", str(out), "--summarise", "--results", str(results),
-                   "--bootstrap", "50"]) == 0
-    table = pd.read_csv(results / "grid.csv").set_index("point")
-    assert list(table.index) == ["nokd-bce-avg", "kd-bce-T2-a0.5-avg"]
-    assert np.isfinite(table.loc["kd-bce-T2-a0.5-avg", "vs_nokd"])
-    # Another machine with only the committed results: nothing trains, the table is the same.
-    elsewhere = tmp_path / "elsewhere"
-    assert G.main(["--grid", str(grid_file), "--teachers", str(teachers), "--out", str(elsewhere),
-                   "--results", str(results)]) == 0
-    assert capsys.readouterr().out.strip().splitlines()[-1] == f"grid: {elsewhere} (0 point(s) run)"
-    assert not list(elsewhere.rglob("seed*.log"))
-    restored = pd.read_csv(results / "grid.csv").set_index("point")
-    pd.testing.assert_frame_equal(restored, table)
-
-
 def _nested(items: list[str]) -> dict:
     """``a.b=c`` overrides as a nested YAML mapping."""
     out: dict = {}
@@ -271,3 +215,152 @@ def _small_teacher(path: Path, seed: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     keras.Model(image, keras.layers.Dense(1, kernel_initializer=keras.initializers.RandomNormal(seed=seed))(pooled)
                 ).save(path)
+
+
+def test_a_paired_interval_is_of_the_difference_of_the_same_images(tmp_path):
+    grid = G.load_grid(_grid_file(tmp_path))
+    out = tmp_path / "runs"
+    _fake_point(out, G.Point("reference", "bce"), quality=1.0)
+    _fake_point(out, G.Point("reference", "focal"), quality=2.0)
+    worse = [G._predictions(out / "nokd-bce-avg", c, grid.seeds) for c in CLINICS]
+    better = [G._predictions(out / "nokd-focal-avg", c, grid.seeds) for c in CLINICS]
+    itself = G.mean_auc_interval(better, 100, against=better)
+    assert itself == {"mean": 0.0, "low": 0.0, "high": 0.0}
+    paired = G.mean_auc_interval(better, 200, against=worse)
+    plain = [G.mean_auc_interval(g, 200)["mean"] for g in (better, worse)]
+    assert paired["mean"] == pytest.approx(plain[0] - plain[1]) and 0 < paired["low"] < paired["mean"]
+    with pytest.raises(G.GridError, match="different images"):
+        G.mean_auc_interval(better, 10, against=[[f.iloc[:-1] for f in g] for g in worse])
+
+
+@pytest.fixture(scope="module")
+def tiny_grid(tmp_path_factory):
+    """A tiny grid, trained once: a no-KD row and one KD point, each holding out two clinics with that clinic's
+    teacher, ISIC 2017 played by another synthetic set. Returns its paths and the line the first run printed."""
+    tmp_path = tmp_path_factory.mktemp("tiny_grid")
+    root = synthetic.generate(tmp_path / "data", n_lesions=90, melanoma_fraction=0.4, image_size=40, seed=3)
+    meta = pd.read_csv(root / "HAM10000_metadata.csv")
+    lesions = sorted(meta["lesion_id"].unique())
+    meta["clinic"] = meta["lesion_id"].map({lesion: CLINICS[i % 2] for i, lesion in enumerate(lesions)})
+    meta.to_csv(root / "HAM10000_metadata.csv", index=False)
+    external = synthetic.generate(tmp_path / "external", n_lesions=40, melanoma_fraction=0.4, image_size=40, seed=8)
+    ext_meta = pd.read_csv(external / "HAM10000_metadata.csv")
+    ext_meta.assign(label=(ext_meta["dx"] == "mel").astype(int))[["image_id", "label"]].to_csv(
+        external / "labels.csv", index=False)
+    tiny = [f"data.root={root}", "data.image_size=32", "data.augment.rotation=0.0", "student.weights=null",
+            "student.minimalistic=true", "student.alpha=0.75", "student.bn_reestimate_images=0",
+            "train.epochs=1", "train.batch_size=32", "train.verbose=0", "train.warmup_epochs=0",
+            "data.source_column=clinic"]
+    teachers = tmp_path / "teachers"  # one small model per clinic, trained elsewhere without it
+    for k, clinic in enumerate(CLINICS):
+        _small_teacher(teachers / clinic / "seed1" / "model.keras", seed=k)
+        (teachers / clinic / "seed1" / "config.yaml").write_text(yaml.safe_dump({"data": {"holdout_source": clinic}}))
+    grid_file = _grid_file(tmp_path, seeds=[1], design=[{"phase": "reference", "losses": ["bce"]},
+                                                          {"phase": "t_alpha", "losses": ["bce"],
+                                                           "temperatures": [2], "alphas": [0.5]}])
+    values = yaml.safe_load(grid_file.read_text())
+    values["config"] = str(tmp_path / "point.yaml")
+    point_config = {"base": str(REPO / "configs" / "kd_grid_student.yaml"), **_nested(tiny)}
+    point_config["data"]["external"] = [{"name": "isic2017", "images": str(external / "images"),
+                                         "labels": str(external / "labels.csv")}]
+    (tmp_path / "point.yaml").write_text(yaml.safe_dump(point_config))
+    grid_file.write_text(yaml.safe_dump(values))
+    out, results = tmp_path / "grid", tmp_path / "results"
+    printed = _main_output(["--grid", str(grid_file), "--teachers", str(teachers), "--out", str(out),
+                            "--results", str(results)])
+    return {"tmp": tmp_path, "grid_file": grid_file, "teachers": teachers, "out": out, "results": results,
+            "printed": printed}
+
+
+def _main_output(argv: list[str]) -> str:
+    """The last line ``kd_grid.main`` prints (it must succeed)."""
+    import contextlib
+    import io
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        assert G.main(argv) == 0
+    return buffer.getvalue().strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_a_tiny_grid_trains_with_each_clinics_own_teacher_and_resumes(tiny_grid):
+    """The grid: a no-KD row and one KD point, each holding out two clinics, each run with that clinic's teacher."""
+    tmp_path, grid_file, teachers = tiny_grid["tmp"], tiny_grid["grid_file"], tiny_grid["teachers"]
+    out, results = tiny_grid["out"], tiny_grid["results"]
+    assert tiny_grid["printed"] == f"grid: {out} (2 point(s) run)"
+    for clinic in CLINICS:
+        run = out / "kd-bce-T2-a0.5-avg" / clinic / "seed1"
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        assert config["distill"]["teacher"] == [str(teachers / clinic / "seed*")]
+        assert config["data"]["holdout_source"] == clinic
+        assert (run / "teacher_logits.npz").is_file()
+    assert len(list((out / "teacher_cache").glob("teacher_logits_*.npz"))) == 2  # one teacher per clinic
+    logs = {p: p.stat().st_size for p in out.rglob("seed*.log")}
+    assert G.main(["--grid", str(grid_file), "--teachers", str(teachers), "--out", str(out),
+                   "--results", str(results)]) == 0
+    assert {p: p.stat().st_size for p in out.rglob("seed*.log")} == logs  # finished: nothing trained again
+    assert sorted(p.name for p in (results / "points").glob("*.npz")) == ["kd-bce-T2-a0.5-avg.npz",
+                                                                          "nokd-bce-avg.npz"]
+    assert G.main(["--grid", str(grid_file), "--out", str(out), "--summarise", "--results", str(results),
+                   "--bootstrap", "50"]) == 0
+    table = pd.read_csv(results / "grid.csv").set_index("point")
+    assert list(table.index) == ["nokd-bce-avg", "kd-bce-T2-a0.5-avg"]
+    assert np.isfinite(table.loc["kd-bce-T2-a0.5-avg", "vs_nokd"])
+    # Another machine with only the committed results: nothing trains, the table is the same.
+    elsewhere = tmp_path / "elsewhere"
+    assert _main_output(["--grid", str(grid_file), "--teachers", str(teachers), "--out", str(elsewhere),
+                         "--results", str(results)]) == f"grid: {elsewhere} (0 point(s) run)"
+    assert not list(elsewhere.rglob("seed*.log"))
+    restored = pd.read_csv(results / "grid.csv").set_index("point")
+    pd.testing.assert_frame_equal(restored, table)
+
+
+@pytest.mark.slow
+def test_the_quantization_panel_scores_each_mode_beside_fp32_on_the_same_runs(tiny_grid):
+    """--quantize on the tiny grid's no-KD row: every run converted to fp16, int8 and QAT, archived, tabled."""
+    tmp_path, grid_file, teachers = tiny_grid["tmp"], tiny_grid["grid_file"], tiny_grid["teachers"]
+    out, results = tiny_grid["out"], tiny_grid["results"]
+    common = ["--grid", str(grid_file), "--teachers", str(teachers), "--out", str(out), "--results", str(results),
+              "--bootstrap", "50"]
+    assert _main_output(common + ["--quantize", "nokd-bce-avg", "--modes", "fp16,int8,qat"]) == \
+        f"quantization panel: {results / 'quant.md'}"
+    table = pd.read_csv(results / "quant.csv")
+    assert list(table["mode"]) == ["keras", "fp16", "int8", "qat"] and set(table["point"]) == {"nokd-bce-avg"}
+    rows = table.set_index("mode")
+    run = out / "nokd-bce-avg" / CLINICS[0] / "seed1"  # quantized where it was trained: it has its models
+    assert rows.loc["int8", "size_mb"] == pytest.approx(np.mean(
+        [(out / "nokd-bce-avg" / c / "seed1" / "tflite" / "int8.tflite").stat().st_size for c in CLINICS]) / 1e6)
+    assert rows.loc["int8", "size_mb"] < rows.loc["fp16", "size_mb"]
+    fp16 = pd.read_csv(G.quant_eval_dir(run, "fp16") / "predictions.csv")
+    keras_fp32 = pd.read_csv(G.quant_eval_dir(run, "keras") / "predictions.csv")
+    assert np.abs(fp16["probability"] - keras_fp32["probability"]).max() < 0.01  # fp16 is fp32 within rounding
+    assert np.isnan(rows.loc["keras", "loco_vs_fp32"])  # (a 1-epoch 32 px model: its ROC-AUCs are near-ties)
+    with np.load(results / "points" / "quant" / "nokd-bce-avg.npz") as saved:  # what the panel keeps of each mode
+        order = pd.read_csv(results / "points" / "sets" / f"{CLINICS[0]}.csv", dtype={"image_id": str})["image_id"]
+        for mode in ("keras", "fp16", "int8", "qat"):
+            scored = pd.read_csv(G.quant_eval_dir(run, mode) / "predictions.csv", dtype={"image_id": str})
+            np.testing.assert_allclose(saved[f"{CLINICS[0]}/seed1/{mode}/holdout"],
+                                       scored.set_index("image_id").loc[order, "probability"], rtol=1e-6)
+    for mode in ("fp16", "int8", "qat"):
+        assert rows.loc[mode, "loco_vs_fp32"] == pytest.approx(rows.loc[mode, "loco_mean"] - rows.loc["keras",
+                                                                                                     "loco_mean"])
+        assert np.isfinite(rows.loc[mode, "isic2017_vs_fp32"])
+    text = (results / "quant.md").read_text()
+    assert "| nokd-bce-avg | int8 QAT |" in text and (results / "quantization.png").stat().st_size > 1000
+    assert str(tmp_path) not in text + (results / "quant.csv").read_text()
+    # Done once: asked again, nothing is converted again; on another machine the committed results give the panel.
+    logs = {p: p.stat().st_mtime for p in out.rglob("quantize.log")}
+    assert G.main(common + ["--quantize", "nokd-bce-avg", "--modes", "int8"]) == 0
+    assert {p: p.stat().st_mtime for p in out.rglob("quantize.log")} == logs
+    elsewhere = tmp_path / "elsewhere_quantized"
+    G.restore_points(G.load_grid(grid_file), elsewhere, results / "points")
+    assert not G._has_models(elsewhere / "nokd-bce-avg", G.load_grid(grid_file))  # a restored point has no models
+    (results / "quant.csv").unlink()
+    assert G.main(["--grid", str(grid_file), "--out", str(elsewhere), "--summarise", "--results", str(results),
+                   "--bootstrap", "50"]) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(results / "quant.csv"), table)
+    with pytest.raises(G.GridError, match=r"--quantize kd-bce-T3-a0.5-avg: not a point"):
+        G.run_quant_panel(G.load_grid(grid_file), teachers, out, ["kd-bce-T3-a0.5-avg"], ("int8",), results)
+    with pytest.raises(G.GridError, match=r"--modes int4: choose from"):
+        G.run_quant_panel(G.load_grid(grid_file), teachers, out, [], ("int4",), results)

@@ -4,6 +4,8 @@
         [--results results/kd_grid] [--max-points N] [--plan-only]
     python tools/kd_grid.py --grid configs/kd_grid.yaml --summarise [--out runs/kd_grid]
         [--results results/kd_grid]
+    python tools/kd_grid.py --grid configs/kd_grid.yaml --teachers FOLDER --quantize [POINT ...]
+        [--modes fp16,int8,qat] [--out runs/kd_grid] [--results results/kd_grid]
 
 ``--teachers`` is a yardstick folder (``python -m melanoma_tf.yardstick``) holding
 ``<clinic>/seed<k>`` runs for every clinic of the grid: a run holding out a clinic distils
@@ -27,6 +29,15 @@ restored into it before anything is trained or scored, so only the missing point
 the paired difference from the no-KD row of the same loss and pooling, ISIC 2017 (the
 run's external set: reported, never chosen on) with its interval; it writes ``grid.md``,
 ``grid.csv``, a temperature x alpha heatmap per loss and a pooling panel.
+
+``--quantize`` is the quantization panel: every run of each named point (default: the no-KD
+row of bce and the best KD point so far) converted by ``python -m melanoma_tf.quantize`` to
+``--modes`` (fp16, post-training int8, QAT), each flatbuffer scored on the run's held-out clinic
+and ISIC 2017 beside the run's own Keras fp32 model. A point restored from the archive has no
+models; its runs are trained again (same config and seeds) in ``<out>/quant/<point>``. Each
+finished point is archived in ``<results>/quant/<point>.npz`` and ``quant.md``, ``quant.csv``
+and ``quantization.png`` are rewritten: per point and mode the file size, the leave-one-clinic-out
+mean with its interval, the paired difference from fp32 of the same runs, and ISIC 2017.
 """
 
 from __future__ import annotations
@@ -34,6 +45,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import subprocess
 import sys
 import zipfile
 from dataclasses import dataclass
@@ -53,7 +65,9 @@ from melanoma_tf.files import write_atomic, write_json
 
 log = logging.getLogger("melanoma_tf.kd_grid")
 PHASES = ("reference", "t_alpha", "pooling")
+QUANT_MODES = ("fp16", "int8", "qat")  # the panel's conversions; "keras" is each run's own fp32 model
 EXTERNAL = "isic2017"
+QUANT_SETS = ("holdout", EXTERNAL)
 SNIPPET = "<!-- --8<-- [{}:table] -->"
 
 
@@ -360,30 +374,39 @@ def _predictions(root: Path, clinic: str, seeds: list[int], external: Optional[s
     return frames
 
 
-def mean_auc_interval(groups: list[list[pd.DataFrame]], n_boot: int = 500, seed: int = 0) -> dict:
+def mean_auc_interval(groups: list[list[pd.DataFrame]], n_boot: int = 500, seed: int = 0,
+                      against: Optional[list[list[pd.DataFrame]]] = None) -> dict:
     """Mean ROC-AUC over groups (clinics) of the mean over their models (seeds), with a 95% lesion bootstrap.
 
     Each replicate resamples the lesions of every group once and scores all of its models on that resample.
+    ``against``: the same groups of other models on the same images; then the mean and its interval are of
+    the paired difference (these models' ROC-AUC minus those's).
     """
     prepared = []
-    for frames in groups:
+    for k, frames in enumerate(groups):
         ids = frames[0].index
-        if any(not f.index.sort_values().equals(ids.sort_values()) for f in frames):
+        others = against[k] if against is not None else []
+        if any(not f.index.sort_values().equals(ids.sort_values()) for f in frames + others):
             raise GridError("the models of one held-out set scored different images: their mean is not paired")
         y = frames[0].loc[ids, "label"].to_numpy()
         p = np.stack([f.loc[ids, "probability"].to_numpy() for f in frames])
+        q = np.stack([f.loc[ids, "probability"].to_numpy() for f in others]) if others else None
         lesions = frames[0].loc[ids, "lesion_id"].to_numpy()
         members = [np.flatnonzero(lesions == lesion) for lesion in pd.unique(lesions)]
-        prepared.append((y, p, members))
-    point = float(np.mean([np.mean([M.roc_auc(y, row) for row in p]) for y, p, _ in prepared]))
+        prepared.append((y, p, q, members))
+
+    def score(y, p, q, rows):
+        value = np.mean([M.roc_auc(y[rows], row[rows]) for row in p])
+        return value - np.mean([M.roc_auc(y[rows], row[rows]) for row in q]) if q is not None else value
+
+    point = float(np.mean([score(y, p, q, np.arange(len(y))) for y, p, q, _ in prepared]))
     rng = np.random.default_rng(seed)
     replicates = []
     for _ in range(n_boot):
         values = []
-        for y, p, members in prepared:
+        for y, p, q, members in prepared:
             rows = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
-            values.append(np.mean([M.roc_auc(y[rows], row[rows]) for row in p]) if 0 < y[rows].sum() < len(rows)
-                          else np.nan)
+            values.append(score(y, p, q, rows) if 0 < y[rows].sum() < len(rows) else np.nan)
         replicates.append(np.mean(values))
     low, high = np.nanpercentile(replicates, [2.5, 97.5])
     return {"mean": point, "low": float(low), "high": float(high)}
@@ -520,6 +543,204 @@ def write_results(grid: Grid, out: Path, folder: Path, n_boot: int = 500) -> Pat
     return folder / "grid.md"
 
 
+# --------------------------------------------------------------------------- quantization panel
+
+
+def default_quant_points(grid: Grid, out: Path) -> list[str]:
+    """The no-KD row of the design's first loss and its best finished KD point (average pooling)."""
+    loss = next(iter(grid.losses))
+    best = best_kd_point(out, grid, loss)
+    return [Point("reference", loss).name] + ([best.name] if best is not None else [])
+
+
+def _point_named(grid: Grid, out: Path, name: str) -> Point:
+    for point in expand(grid, out):
+        if point.name == name:
+            return point
+    raise GridError(f"--quantize {name}: not a point of {grid.path.name} (python tools/kd_grid.py --plan-only "
+                    "lists them)")
+
+
+def _stage_dir(run: Path) -> Path:
+    from melanoma_tf.runs import resolve_stage_dir
+
+    return resolve_stage_dir(run)
+
+
+def quant_eval_dir(run: Path, mode: str) -> Path:
+    """Where ``python -m melanoma_tf.quantize`` scores ``mode`` (``keras``: the run's own fp32 model)."""
+    return _stage_dir(run) / "tflite" / f"eval_{mode}"
+
+
+def _has_models(root: Path, grid: Grid) -> bool:
+    runs = [Y.run_folder(root, c, s) for c in grid.clinics for s in grid.seeds]
+    return all((r / "config.yaml").is_file() and Y.holdout_metrics_path(r) is not None
+               and (_stage_dir(r) / "model.keras").is_file() for r in runs)
+
+
+def quantize_point(grid: Grid, point: Point, teachers: Path, out: Path, modes: tuple[str, ...],
+                   workers: int = 1) -> Path:
+    """Every run of ``point`` converted to ``modes`` and scored (finished conversions kept); returns the root."""
+    root = out / point.name
+    if not _has_models(root, grid):  # restored from the archive, or never trained here
+        root = out / "quant" / point.name
+        check_teachers(teachers, grid)
+        plan = Y.make_plan(grid.config, overrides(grid, point, teachers, out), grid.seeds, grid.clinics, [],
+                           random_split=False)
+        Y.run_plan(plan, root, workers)
+    for clinic in grid.clinics:
+        for seed in grid.seeds:
+            run = Y.run_folder(root, clinic, seed)
+            todo = [m for m in modes if not (quant_eval_dir(run, m) / "metrics.json").is_file()]
+            if not todo and (quant_eval_dir(run, "keras") / "metrics.json").is_file():
+                continue
+            log.info("quantizing %s %s/seed%d: %s", point.name, clinic, seed, ",".join(todo or modes))
+            command = [sys.executable, "-m", "melanoma_tf.quantize", "--run", str(run),
+                       "--modes", ",".join(todo or modes), "--latency-runs", "5"]
+            with open(run / "quantize.log", "a") as log_file:
+                result = subprocess.run(command, stdout=log_file, stderr=subprocess.STDOUT)
+            if result.returncode != 0:
+                raise GridError(f"{run}: quantize failed (exit {result.returncode}); see {run / 'quantize.log'}")
+    return root
+
+
+def archive_quant(root: Path, point: Point, grid: Grid, modes: tuple[str, ...], archive: Path) -> Path:
+    """``<archive>/quant/<point>.npz``: per run and mode (``keras`` and ``modes``) the probabilities of each scored
+    set, in the order of the grid archive's image lists, and each flatbuffer's size."""
+    arrays: dict[str, np.ndarray] = {}
+    sizes: dict[str, int] = {}
+    for clinic in grid.clinics:
+        for seed in grid.seeds:
+            run = Y.run_folder(root, clinic, seed)
+            for mode in ("keras", *modes):
+                folder = quant_eval_dir(run, mode)
+                if not (folder / "metrics.json").is_file():
+                    raise GridError(f"{folder}: not scored yet; the quantization of {point.name} cannot be archived")
+                for name, listing, file in _archived_sets(folder, clinic):
+                    if file.is_file():
+                        frame = pd.read_csv(file, dtype={"image_id": str, "lesion_id": str})
+                        order = _image_list(archive, listing, frame)["image_id"]
+                        arrays[f"{clinic}/seed{seed}/{mode}/{name}"] = (
+                            frame.set_index("image_id").loc[order, "probability"].to_numpy(np.float32))
+                flatbuffer = _stage_dir(run) / "tflite" / f"{mode}.tflite"
+                if flatbuffer.is_file():
+                    sizes[f"{clinic}/seed{seed}/{mode}"] = flatbuffer.stat().st_size
+    target = archive / "quant" / f"{point.name}.npz"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{point.name}.tmp.npz"
+    np.savez_compressed(tmp, sizes=np.array(json.dumps(sizes, sort_keys=True)),
+                        modes=np.array(json.dumps(["keras", *modes])), **arrays)
+    tmp.replace(target)
+    return target
+
+
+def _read_quant(file: Path, archive: Path) -> tuple[list[str], dict, dict[str, pd.DataFrame]]:
+    """(modes, sizes, frames by '<clinic>/seed<k>/<mode>/<set>') of one archived quantization."""
+    try:
+        with np.load(file, allow_pickle=False) as saved:
+            modes, sizes = json.loads(str(saved["modes"])), json.loads(str(saved["sizes"]))
+            arrays = {key: saved[key] for key in saved.files if key not in ("modes", "sizes")}
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+        raise GridError(f"{file}: not a quantization archive ({err}); delete it to quantize the point again") \
+            from None
+    frames = {}
+    for key, probabilities in arrays.items():
+        clinic, _, _, name = key.split("/")
+        images = pd.read_csv(archive / "sets" / f"{clinic if name == 'holdout' else name}.csv",
+                             dtype={"image_id": str, "lesion_id": str})
+        if len(images) != len(probabilities):
+            raise GridError(f"{file}: {key} has {len(probabilities)} values for the {len(images)} images listed")
+        frames[key] = images.assign(probability=probabilities).set_index("image_id")
+    return modes, sizes, frames
+
+
+def score_quant(grid: Grid, archive: Path, n_boot: int = 500) -> pd.DataFrame:
+    """One row per archived point and mode: size, LOCO mean, paired difference from fp32, ISIC 2017."""
+    rows = []
+    for file in sorted((archive / "quant").glob("*.npz")):
+        modes, sizes, frames = _read_quant(file, archive)
+
+        def groups(mode: str, name: str) -> list[list[pd.DataFrame]]:
+            """Held-out clinics: one group each (their mean is the LOCO mean); an external set: one group."""
+            keys = [[f"{c}/seed{s}/{mode}/{name}" for s in grid.seeds] for c in grid.clinics]
+            if name != "holdout":
+                keys = [[k for group in keys for k in group]]
+            return [[frames[k] for k in group if k in frames] for group in keys]
+
+        for mode in modes:
+            row: dict[str, Any] = {"point": file.stem, "mode": mode}
+            runs = [v for k, v in sizes.items() if k.endswith(f"/{mode}")]
+            row["size_mb"] = float(np.mean(runs)) / 1e6 if runs else np.nan
+            for name, prefix in (("holdout", "loco"), (EXTERNAL, EXTERNAL)):
+                found = groups(mode, name)
+                if not all(found):
+                    continue
+                value = mean_auc_interval(found, n_boot)
+                row.update({f"{prefix}_mean": value["mean"], f"{prefix}_low": value["low"],
+                            f"{prefix}_high": value["high"]})
+                if mode != "keras":
+                    paired = mean_auc_interval(found, n_boot, against=groups("keras", name))
+                    row.update({f"{prefix}_vs_fp32": paired["mean"], f"{prefix}_vs_fp32_low": paired["low"],
+                                f"{prefix}_vs_fp32_high": paired["high"]})
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+MODE_LABELS = {"keras": "fp32 (Keras)", "fp16": "fp16", "int8": "int8 PTQ", "qat": "int8 QAT"}
+
+
+def write_quant_results(grid: Grid, results: Path, n_boot: int = 500) -> Path:
+    """quant.md, quant.csv and quantization.png of every archived quantization."""
+    table = score_quant(grid, results / "points", n_boot)
+    lines = ["# Quantization panel of the KD grid", "",
+             f"Every run of each point ({', '.join(grid.clinics)} held out in turn, seeds "
+             f"{', '.join(map(str, grid.seeds))}) converted by `python -m melanoma_tf.quantize` and scored on its "
+             "held-out clinic and ISIC 2017. LOCO: mean held-out ROC-AUC over clinics and seeds with a 95% interval "
+             "(lesions resampled); vs fp32: paired difference from the same runs' Keras fp32 model. "
+             f"{EXTERNAL}: reported, never chosen on. Size: the flatbuffer, mean over runs.", "",
+             SNIPPET.format("start"),
+             f"| point | model | size MB | LOCO ROC-AUC | vs fp32 | {EXTERNAL} | vs fp32 ({EXTERNAL}) |",
+             "|---|---|---|---|---|---|---|"]
+    groups: dict[str, dict[str, tuple[float, float, float]]] = {}
+    for row in table.to_dict("records"):
+        size = f"{row['size_mb']:.2f}" if np.isfinite(row["size_mb"]) else ""
+        lines.append(f"| {row['point']} | {MODE_LABELS.get(row['mode'], row['mode'])} | {size} | "
+                     f"{_cell(row, 'loco_mean')} | {_paired(row, 'loco_vs_fp32')} | {_cell(row, f'{EXTERNAL}_mean')}"
+                     f" | {_paired(row, f'{EXTERNAL}_vs_fp32')} |")
+        if np.isfinite(row.get("loco_mean", np.nan)):
+            groups.setdefault(row["point"], {})[MODE_LABELS.get(row["mode"], row["mode"])] = (
+                row["loco_mean"], row["loco_low"], row["loco_high"])
+    lines.append(SNIPPET.format("end"))
+    if groups:
+        figure = plots.interval_panel(results / "quantization.png", groups, "leave-one-clinic-out ROC-AUC",
+                                      "fp32 vs fp16 vs int8 (post-training, QAT)", order=list(MODE_LABELS.values()))
+        lines += ["", f"![{figure}]({figure})"]
+    results.mkdir(parents=True, exist_ok=True)
+    write_atomic(results / "quant.md", "\n".join(lines) + "\n")
+    write_atomic(results / "quant.csv", table.to_csv(index=False))
+    return results / "quant.md"
+
+
+def run_quant_panel(grid: Grid, teachers: Path, out: Path, names: list[str], modes: tuple[str, ...],
+                    results: Path, n_boot: int = 500, workers: int = 1) -> Path:
+    """Quantizes and archives each named point not archived yet; rewrites the panel."""
+    unknown = [m for m in modes if m not in QUANT_MODES]
+    if unknown or not modes:
+        raise GridError(f"--modes {','.join(modes)}: choose from {','.join(QUANT_MODES)}")
+    archive = results / "points"
+    restore_points(grid, out, archive)
+    points = [_point_named(grid, out, name) for name in names or default_quant_points(grid, out)]
+    for point in points:
+        done = archive / "quant" / f"{point.name}.npz"
+        if done.is_file() and set(json.loads(str(np.load(done)["modes"]))) >= set(modes):
+            log.info("%s: quantization archived already (%s)", point.name, done)
+            continue
+        root = quantize_point(grid, point, teachers, out, modes, workers)
+        archive_quant(root, point, grid, modes, archive)
+        write_quant_results(grid, results, n_boot)
+    return write_quant_results(grid, results, n_boot)
+
+
 # --------------------------------------------------------------------------- command
 
 
@@ -535,6 +756,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--results", default="results/kd_grid",
                         help="the tables and the finished points' archive (points/); restored from when training")
     parser.add_argument("--bootstrap", type=int, default=500, help="bootstrap replicates of each interval")
+    parser.add_argument("--quantize", nargs="*", metavar="POINT",
+                        help="the quantization panel of these points (default: bce's no-KD row and best KD point)")
+    parser.add_argument("--modes", default=",".join(QUANT_MODES), help="--quantize: conversions (fp16,int8,qat)")
     return parser
 
 
@@ -551,9 +775,17 @@ def main(argv: Optional[list[str]] = None) -> int:
             return f"grid: {out} (plan only)"
         if args.summarise:
             restore_points(grid, out, Path(args.results) / "points")
-            return f"grid results: {write_results(grid, out, Path(args.results), args.bootstrap)}"
+            written = write_results(grid, out, Path(args.results), args.bootstrap)
+            if list((Path(args.results) / "points" / "quant").glob("*.npz")):
+                write_quant_results(grid, Path(args.results), args.bootstrap)
+            return f"grid results: {written}"
         if not args.teachers:
             raise GridError("--teachers FOLDER is needed to train (or --plan-only / --summarise)")
+        if args.quantize is not None:
+            modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+            panel = run_quant_panel(grid, Path(args.teachers).resolve(), out, args.quantize, modes,
+                                    Path(args.results), args.bootstrap, args.workers)
+            return f"quantization panel: {panel}"
         done = run_grid(grid, Path(args.teachers).resolve(), out, args.max_points, args.workers,
                         Path(args.results), args.bootstrap)
         return f"grid: {out} ({len(done)} point(s) run)"
