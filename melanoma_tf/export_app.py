@@ -46,13 +46,14 @@ import json
 import logging
 import math
 import sys
+import tempfile
 from pathlib import Path
 from typing import Optional
 
 from melanoma_tf.cli import run_main
 from melanoma_tf.errors import MelanomaTfError
 from melanoma_tf.files import write_atomic, write_json
-from melanoma_tf.tflite import read_sidecar, verify_flatbuffer, verify_model_file
+from melanoma_tf.tflite import TFLiteModel, read_sidecar, verify_flatbuffer, verify_model_file
 
 log = logging.getLogger(__name__)
 
@@ -242,11 +243,7 @@ def _app_flatbuffer(path: Path, sidecar: dict) -> tuple[bytes, dict]:
     return data, {}
 
 
-def _probe_logits(data: bytes, size: int, images) -> "np.ndarray":
-    import tempfile
-
-    from melanoma_tf.tflite import TFLiteModel
-
+def _probe_logits(data: bytes, images) -> "np.ndarray":
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "probe.tflite"
         path.write_bytes(data)
@@ -280,8 +277,8 @@ def member_flatbuffers(model_path: Path, sidecar: dict, members: list[Path], pro
                                   f"ensemble's {sidecar.get(key)!r}")
         datas.append(_app_flatbuffer(member, member_sidecar)[0])
     images = np.random.default_rng(0).uniform(0.0, 255.0, (probes, size, size, 3)).astype(np.float32)
-    ensemble = _probe_logits(_app_flatbuffer(model_path, sidecar)[0], size, images)
-    mean = np.mean([_probe_logits(data, size, images) for data in datas], axis=0)
+    ensemble = _probe_logits(_app_flatbuffer(model_path, sidecar)[0], images)
+    mean = np.mean([_probe_logits(data, images) for data in datas], axis=0)
     worst = float(np.max(np.abs(mean - ensemble)))
     if not worst <= MEMBER_TOLERANCE:
         raise ExportError(f"{model_path}: the mean logit of --members {', '.join(str(m) for m in members)} differs "
@@ -379,8 +376,6 @@ def read_app_folder(folder: str | Path) -> tuple[dict, dict, list[Path]]:
 def app_logits(folder: str | Path, images) -> "np.ndarray":
     """The logit the app computes for each image in ``folder``'s model(s): the members' mean for an ensemble."""
     import numpy as np
-
-    from melanoma_tf.tflite import TFLiteModel
 
     _, _, paths = read_app_folder(folder)
     return np.mean([TFLiteModel(path).predict(images)[:, 0] for path in paths], axis=0)
