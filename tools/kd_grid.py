@@ -590,18 +590,26 @@ def quantize_point(grid: Grid, point: Point, teachers: Path, out: Path, modes: t
         Y.run_plan(plan, root, workers)
     for clinic in grid.clinics:
         for seed in grid.seeds:
-            run = Y.run_folder(root, clinic, seed)
-            todo = [m for m in modes if not (quant_eval_dir(run, m) / "metrics.json").is_file()]
-            if not todo and (quant_eval_dir(run, "keras") / "metrics.json").is_file():
-                continue
-            log.info("quantizing %s %s/seed%d: %s", point.name, clinic, seed, ",".join(todo or modes))
-            command = [sys.executable, "-m", "melanoma_tf.quantize", "--run", str(run),
-                       "--modes", ",".join(todo or modes), "--latency-runs", "5"]
-            with open(run / "quantize.log", "a") as log_file:
-                result = subprocess.run(command, stdout=log_file, stderr=subprocess.STDOUT)
-            if result.returncode != 0:
-                raise GridError(f"{run}: quantize failed (exit {result.returncode}); see {run / 'quantize.log'}")
+            convert_run(Y.run_folder(root, clinic, seed), modes)
     return root
+
+
+def convert_run(run: Path, modes: tuple[str, ...]) -> None:
+    """``python -m melanoma_tf.quantize`` of ``run`` to the ``modes`` not scored yet (its log: ``quantize.log``).
+
+    Raises:
+      GridError: naming the run and its log when the conversion fails.
+    """
+    todo = [m for m in modes if not (quant_eval_dir(run, m) / "metrics.json").is_file()]
+    if not todo and (quant_eval_dir(run, "keras") / "metrics.json").is_file():
+        return
+    log.info("quantizing %s: %s", run, ",".join(todo or modes))
+    command = [sys.executable, "-m", "melanoma_tf.quantize", "--run", str(run), "--modes", ",".join(todo or modes),
+               "--latency-runs", "5"]
+    with open(run / "quantize.log", "a") as log_file:
+        result = subprocess.run(command, stdout=log_file, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        raise GridError(f"{run}: quantize failed (exit {result.returncode}); see {run / 'quantize.log'}")
 
 
 def archive_quant(root: Path, point: Point, grid: Grid, modes: tuple[str, ...], archive: Path) -> Path:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 from typing import Optional
@@ -78,19 +77,9 @@ def _runs(yardstick: Path) -> tuple[list[str], dict[str, list[Path]]]:
 
 def quantize_runs(runs: dict[str, list[Path]]) -> None:
     """Converts and scores every run not yet scored in each mode (``python -m melanoma_tf.quantize``)."""
-    for clinic, folders in runs.items():
+    for folders in runs.values():
         for run in folders:
-            todo = [m for m in MODES if not (G.quant_eval_dir(run, m) / "metrics.json").is_file()]
-            if not todo:
-                continue
-            print(f"quantizing {clinic}/{run.name}: {','.join(todo)}", file=sys.stderr, flush=True)
-            with open(run / "quantize.log", "a") as log_file:
-                done = subprocess.run([sys.executable, "-m", "melanoma_tf.quantize", "--run", str(run), "--modes",
-                                       ",".join(todo), "--latency-runs", "5"], stdout=log_file,
-                                      stderr=subprocess.STDOUT)
-            if done.returncode != 0:
-                raise PhoneYardstickError(f"{run}: quantize failed (exit {done.returncode}); see "
-                                          f"{run / 'quantize.log'}")
+            G.convert_run(run, MODES)
 
 
 def _frames(runs: list[Path], mode: str, external: Optional[str]) -> list[pd.DataFrame]:
