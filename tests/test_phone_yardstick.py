@@ -93,3 +93,9 @@ def test_a_yardstick_that_cannot_be_used_is_named(tmp_path, capsys):
     assert P.main([str(yardstick)]) != 0
     err = capsys.readouterr().err
     assert "clinic_b/seed2" in err and "not finished" in err and "Traceback" not in err
+    (yardstick / "clinic_b" / "seed2" / "model.keras").write_bytes(b"kept")
+    broken = yardstick / "clinic_a" / "seed3" / "tflite" / "eval_fp16" / "predictions.csv"
+    pd.read_csv(broken).drop(columns="logit").to_csv(broken, index=False)
+    assert P.main([str(yardstick)]) != 0
+    err = capsys.readouterr().err
+    assert "clinic_a/seed3/tflite/eval_fp16/predictions.csv: not the predictions" in err and "'logit'" in err

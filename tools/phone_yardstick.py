@@ -86,9 +86,13 @@ def _frames(runs: list[Path], mode: str, external: Optional[str]) -> list[pd.Dat
     """Each run's predictions (index image_id; label, lesion_id, probability, logit) of ``mode`` on a set."""
     frames = []
     for run in runs:
-        folder = G.quant_eval_dir(run, mode) / (f"external/{external}" if external else "")
-        frame = pd.read_csv(folder / "predictions.csv", dtype={"image_id": str, "lesion_id": str})
-        frames.append(frame.set_index("image_id")[["label", "lesion_id", "probability", "logit"]])
+        path = G.quant_eval_dir(run, mode) / (f"external/{external}" if external else "") / "predictions.csv"
+        try:
+            frame = pd.read_csv(path, dtype={"image_id": str, "lesion_id": str})
+            frames.append(frame.set_index("image_id")[["label", "lesion_id", "probability", "logit"]])
+        except (KeyError, ValueError, pd.errors.ParserError) as err:  # EmptyDataError is a ValueError
+            raise PhoneYardstickError(f"{path}: not the predictions of melanoma_tf.evaluate ({err}); delete the "
+                                      f"folder {path.parent.name} to score the run again") from None
     return frames
 
 
