@@ -199,10 +199,12 @@ def install_app_model(source: Path, target: Path) -> None:
 
     read_app_folder(source)
     target.mkdir(parents=True, exist_ok=True)
+    new = sorted(source.iterdir())
+    for path in new:  # each file replaced whole; the old model files go only once every new one is in place
+        write_atomic(target / path.name, path.read_bytes())
     for old in [*target.glob("*.tflite"), target / APP_SIDECAR, target / APP_INFO]:
-        old.unlink(missing_ok=True)
-    for new in sorted(source.iterdir()):
-        shutil.copyfile(new, target / new.name)
+        if old.name not in {p.name for p in new}:
+            old.unlink(missing_ok=True)
     read_app_folder(target)
 
 
