@@ -182,5 +182,5 @@ def interval_panel(path: Path, groups: dict[str, dict[str, tuple[float, float, f
         ax.errorbar(xs, means, yerr=errors, fmt="o", capsize=3, label=variant)
     ax.set_xticks(range(len(groups)), list(groups))
     ax.set(ylabel=ylabel, title=title)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: never over an interval
     return save(fig, path)
