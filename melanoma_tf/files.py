@@ -5,33 +5,28 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
     """Writes a file via a temporary file in the same folder and a rename.
 
-    The file gets the permissions ``open()`` would give it (0666 less the umask), not the temporary
-    file's 0600: a model or sidecar served by a web server or read by another user stays readable.
+    The file gets the permissions ``open()`` would give it (0666 less the umask, applied by the system
+    when the temporary file is created), not ``mkstemp``'s 0600: a model or sidecar served by a web
+    server or read by another user stays readable.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     mode = "wb" if isinstance(data, bytes) else "w"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = str(path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, mode) as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

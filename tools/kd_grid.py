@@ -62,12 +62,12 @@ from melanoma_tf import yardstick as Y
 from melanoma_tf.cli import run_main
 from melanoma_tf.errors import MelanomaTfError
 from melanoma_tf.files import write_atomic, write_json
+from melanoma_tf.runs import resolve_stage_dir
 
 log = logging.getLogger("melanoma_tf.kd_grid")
 PHASES = ("reference", "t_alpha", "pooling")
 QUANT_MODES = ("fp16", "int8", "qat")  # the panel's conversions; "keras" is each run's own fp32 model
 EXTERNAL = "isic2017"
-QUANT_SETS = ("holdout", EXTERNAL)
 SNIPPET = "<!-- --8<-- [{}:table] -->"
 
 
@@ -307,19 +307,30 @@ def archive_point(out: Path, point: Point, grid: Grid, archive: Path) -> Path:
             path = Y.holdout_metrics_path(Y.run_folder(root, clinic, seed))
             if path is None:
                 raise GridError(f"{root}: {clinic}/seed{seed} has not finished; the point cannot be archived")
-            for name, listing, file in _archived_sets(path.parent, clinic):
-                if file.is_file():
-                    frame = pd.read_csv(file, dtype={"image_id": str, "lesion_id": str})
-                    order = _image_list(archive, listing, frame)["image_id"]
-                    arrays[f"{clinic}/seed{seed}/{name}"] = (
-                        frame.set_index("image_id").loc[order, "probability"].to_numpy(np.float32))
+            for name, values in _set_probabilities(path.parent, clinic, archive).items():
+                arrays[f"{clinic}/seed{seed}/{name}"] = values
             values = json.loads(path.read_text())
             metrics[f"{clinic}/seed{seed}"] = {k: v for k, v in values.items() if _number(v) or (
                 isinstance(v, list) and v and all(_number(x) for x in v))}
-    archive.mkdir(parents=True, exist_ok=True)
-    target = archive / f"{point.name}.npz"
-    tmp = archive / f".{point.name}.tmp.npz"
-    np.savez_compressed(tmp, metrics=np.array(json.dumps(metrics, sort_keys=True)), **arrays)
+    return _save_npz(archive / f"{point.name}.npz", arrays, metrics=metrics)
+
+
+def _set_probabilities(eval_dir: Path, clinic: str, archive: Path) -> dict[str, np.ndarray]:
+    """Each scored set of one evaluation folder: its probabilities in the order of the archive's image list."""
+    found = {}
+    for name, listing, file in _archived_sets(eval_dir, clinic):
+        if file.is_file():
+            frame = pd.read_csv(file, dtype={"image_id": str, "lesion_id": str})
+            order = _image_list(archive, listing, frame)["image_id"]
+            found[name] = frame.set_index("image_id").loc[order, "probability"].to_numpy(np.float32)
+    return found
+
+
+def _save_npz(target: Path, arrays: dict[str, np.ndarray], **records) -> Path:
+    """``target`` written atomically: the arrays, and each record as JSON text."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.stem}.tmp.npz"
+    np.savez_compressed(tmp, **{k: np.array(json.dumps(v, sort_keys=True)) for k, v in records.items()}, **arrays)
     tmp.replace(target)
     return target
 
@@ -429,24 +440,26 @@ def score_point(out: Path, point: Point, grid: Grid, n_boot: int) -> Optional[di
     if external:
         ext = mean_auc_interval([external], n_boot)
         row.update({f"{EXTERNAL}_mean": ext["mean"], f"{EXTERNAL}_low": ext["low"], f"{EXTERNAL}_high": ext["high"]})
-    reference = out / point.reference.name
-    if point.kd and (reference / "plan.json").is_file():
-        try:
-            Y.compare(root, reference, root / "vs_nokd", n_boot)
-            paired = json.loads((root / "vs_nokd" / "compare.json").read_text())["loco_mean"]
-            row.update(vs_nokd=paired.get("difference"), vs_nokd_low=paired.get("low"),
-                       vs_nokd_high=paired.get("high"))
-        except Y.YardstickError as err:
-            log.warning("%s: no paired comparison with %s (%s)", point.name, reference.name, err)
-    twin = out / Point("t_alpha", point.loss, "avg", point.temperature, point.alpha).name
-    if point.pooling == "max" and (twin / "plan.json").is_file():
-        try:
-            Y.compare(root, twin, root / "vs_avg", n_boot)
-            paired = json.loads((root / "vs_avg" / "compare.json").read_text())["loco_mean"]
-            row.update(vs_avg=paired.get("difference"), vs_avg_low=paired.get("low"), vs_avg_high=paired.get("high"))
-        except Y.YardstickError as err:
-            log.warning("%s: no paired comparison with %s (%s)", point.name, twin.name, err)
+    if point.kd:
+        row.update(_paired_with(root, out / point.reference.name, "vs_nokd", n_boot))
+    if point.pooling == "max":  # the same point with average pooling
+        row.update(_paired_with(root, out / Point("t_alpha", point.loss, "avg", point.temperature, point.alpha).name,
+                                "vs_avg", n_boot))
     return row
+
+
+def _paired_with(root: Path, other: Path, key: str, n_boot: int) -> dict:
+    """``{key, key_low, key_high}``: the paired LOCO difference of the point at ``root`` from ``other`` (the yardstick
+    comparison, written in ``root/key``); nothing when ``other`` has not been trained or cannot be paired."""
+    if not (other / "plan.json").is_file():
+        return {}
+    try:
+        Y.compare(root, other, root / key, n_boot)
+    except Y.YardstickError as err:
+        log.warning("%s: no paired comparison with %s (%s)", root.name, other.name, err)
+        return {}
+    paired = json.loads((root / key / "compare.json").read_text())["loco_mean"]
+    return {key: paired.get("difference"), f"{key}_low": paired.get("low"), f"{key}_high": paired.get("high")}
 
 
 def score_grid(grid: Grid, out: Path, n_boot: int = 500) -> pd.DataFrame:
@@ -562,8 +575,6 @@ def _point_named(grid: Grid, out: Path, name: str) -> Point:
 
 
 def _stage_dir(run: Path) -> Path:
-    from melanoma_tf.runs import resolve_stage_dir
-
     return resolve_stage_dir(run)
 
 
@@ -624,22 +635,12 @@ def archive_quant(root: Path, point: Point, grid: Grid, modes: tuple[str, ...], 
                 folder = quant_eval_dir(run, mode)
                 if not (folder / "metrics.json").is_file():
                     raise GridError(f"{folder}: not scored yet; the quantization of {point.name} cannot be archived")
-                for name, listing, file in _archived_sets(folder, clinic):
-                    if file.is_file():
-                        frame = pd.read_csv(file, dtype={"image_id": str, "lesion_id": str})
-                        order = _image_list(archive, listing, frame)["image_id"]
-                        arrays[f"{clinic}/seed{seed}/{mode}/{name}"] = (
-                            frame.set_index("image_id").loc[order, "probability"].to_numpy(np.float32))
+                for name, values in _set_probabilities(folder, clinic, archive).items():
+                    arrays[f"{clinic}/seed{seed}/{mode}/{name}"] = values
                 flatbuffer = _stage_dir(run) / "tflite" / f"{mode}.tflite"
                 if flatbuffer.is_file():
                     sizes[f"{clinic}/seed{seed}/{mode}"] = flatbuffer.stat().st_size
-    target = archive / "quant" / f"{point.name}.npz"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{point.name}.tmp.npz"
-    np.savez_compressed(tmp, sizes=np.array(json.dumps(sizes, sort_keys=True)),
-                        modes=np.array(json.dumps(["keras", *modes])), **arrays)
-    tmp.replace(target)
-    return target
+    return _save_npz(archive / "quant" / f"{point.name}.npz", arrays, sizes=sizes, modes=["keras", *modes])
 
 
 def _read_quant(file: Path, archive: Path) -> tuple[list[str], dict, dict[str, pd.DataFrame]]:
