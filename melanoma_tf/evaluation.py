@@ -274,7 +274,8 @@ def evaluate(run_dir: Optional[str] = None, model_path: Optional[str] = None, sp
                    "model_sha256": hashlib.sha256(Path(model_file).read_bytes()).hexdigest()})
 
     predictions, figures = write_scored_split(out_dir, test, test_z, test_y, result,
-                                              cfg.data.source_column if cfg is not None else "dataset")
+                                              cfg.data.source_column if cfg is not None else "dataset",
+                                              M.softmax(test_logits) if label_mode == "multiclass" else None)
     gallery = []
     if model.keras_model is not None:
         names = list(datamod.DX_CLASSES) if label_mode == "multiclass" else ["not melanoma", "melanoma"]
@@ -298,11 +299,17 @@ def evaluate(run_dir: Optional[str] = None, model_path: Optional[str] = None, sp
 
 
 def write_scored_split(out_dir: Path, test: pd.DataFrame, test_z: np.ndarray, test_y: np.ndarray,
-                       result: dict, source_column: str = "dataset") -> tuple[pd.DataFrame, dict]:
+                       result: dict, source_column: str = "dataset",
+                       class_probabilities: Optional[np.ndarray] = None) -> tuple[pd.DataFrame, dict]:
     """What every scored model writes beside its metrics: ``predictions.csv`` (probability, calibrated
-    probability, call, referral), the subgroup audit (into ``result``; per clinic by ``source_column`` too)
-    and the figures; returns both."""
+    probability, call, referral; for a multiclass model given ``class_probabilities``, also the arg-max
+    ``predicted_class`` and one ``p_<class>`` column per HAM10000 diagnosis), the subgroup audit (into
+    ``result``; per clinic by ``source_column`` too) and the figures; returns both."""
     predictions = _predictions(test, test_z, result)
+    if class_probabilities is not None:
+        predictions["predicted_class"] = np.asarray(datamod.DX_CLASSES)[np.argmax(class_probabilities, axis=1)]
+        for k, name in enumerate(datamod.DX_CLASSES):
+            predictions[f"p_{name}"] = class_probabilities[:, k]
     write_atomic(out_dir / "predictions.csv", predictions.to_csv(index=False))
     audit_frame = test.assign(prob=M.sigmoid(test_z), label=test_y)
     if "age" in audit_frame.columns:

@@ -194,6 +194,34 @@ def test_archived_points_restore_on_another_machine_with_the_same_scores(tmp_pat
         G.archive_point(other, reference, grid, archive)
 
 
+def test_hand_edited_archives_are_refused_naming_the_file_and_what_is_wrong(tmp_path):
+    grid = G.load_grid(_grid_file(tmp_path))
+    out, archive = tmp_path / "runs", tmp_path / "results" / "points"
+    point = G.Point("reference", "bce")
+    _fake_point(out, point, quality=1.0)
+    G.archive_point(out, point, grid, archive)
+    listing = archive / "sets" / "clinic_a.csv"
+    pd.read_csv(listing).drop(columns="lesion_id").to_csv(listing, index=False)
+    with pytest.raises(G.GridError, match=r"sets/clinic_a.csv: missing column\(s\) \['lesion_id'\] \(needed by "
+                                          r"nokd-bce-avg.npz\)"):
+        G.restore_points(grid, tmp_path / "elsewhere", archive)
+    with pytest.raises(G.GridError, match=r"sets/clinic_a.csv: missing column"):
+        G.archive_point(out, point, grid, archive)  # archiving beside a damaged list is refused too
+    listing.unlink()
+    G.archive_point(out, point, grid, archive)  # the list is written again from the runs
+    G._save_npz(archive / "quant" / "nokd-bce-avg.npz", {"clinic_a/keras/holdout": np.zeros(3)},
+                sizes={}, modes=["keras"])
+    with pytest.raises(G.GridError, match=r"quant/nokd-bce-avg.npz: entry 'clinic_a/keras/holdout' is not "
+                                          r"<clinic>/seed<k>/<mode>/<set>"):
+        G.score_quant(grid, archive, n_boot=10)
+    with np.load(archive / "nokd-bce-avg.npz") as saved:
+        arrays = {k: saved[k] for k in saved.files if k != "metrics"}
+        metrics = {k.replace("/seed", "/run"): v for k, v in json.loads(str(saved["metrics"])).items()}
+    G._save_npz(archive / "nokd-bce-avg.npz", arrays, metrics=metrics)
+    with pytest.raises(G.GridError, match=r"nokd-bce-avg.npz: run 'clinic_a/run1' is not <clinic>/seed<k>"):
+        G.restore_points(grid, tmp_path / "third", archive)
+
+
 def _nested(items: list[str]) -> dict:
     """``a.b=c`` overrides as a nested YAML mapping."""
     out: dict = {}

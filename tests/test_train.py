@@ -247,6 +247,16 @@ def test_multiclass_run_and_evaluation(synthetic_root, tmp_path):
     holdout = pd.read_csv(run_dir / "splits.csv").query("split == 'holdout'")
     assert sum(map(sum, mc["confusion_matrix"])) == len(holdout)
     assert result["n_melanoma"] == int((holdout["label"] == 4).sum())  # melanoma vs rest from P(mel)
+    # Each image's seven class probabilities and its arg-max class, the ones the confusion matrix counts.
+    predictions = pd.read_csv(report.parent / "predictions.csv")
+    classes = [f"p_{name}" for name in ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")]
+    np.testing.assert_allclose(predictions[classes].sum(axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(predictions["p_mel"], predictions["probability"], atol=1e-6)
+    assert list(predictions["predicted_class"]) == [classes[k][2:] for k in predictions[classes].to_numpy().argmax(1)]
+    truth = predictions["label"].to_numpy()
+    called = predictions["predicted_class"].map({c[2:]: k for k, c in enumerate(classes)}).to_numpy()
+    assert [[int(((truth == i) & (called == j)).sum()) for j in range(7)] for i in range(7)] == \
+        mc["confusion_matrix"]
     # An external set is labelled melanoma 1 / other 0 even for a multiclass model (ISIC 2017 is).
     labels = tmp_path / "external.csv"
     holdout.assign(label=(holdout["label"] == 4).astype(int))[["image_id", "label"]].to_csv(labels, index=False)

@@ -69,6 +69,7 @@ PHASES = ("reference", "t_alpha", "pooling")
 QUANT_MODES = ("fp16", "int8", "qat")  # the panel's conversions; "keras" is each run's own fp32 model
 EXTERNAL = "isic2017"
 SNIPPET = "<!-- --8<-- [{}:table] -->"
+IMAGE_LIST_COLUMNS = ("image_id", "label", "lesion_id")
 
 
 class GridError(MelanomaTfError, ValueError):
@@ -279,14 +280,33 @@ def _archived_sets(folder: Path, clinic: str) -> list[tuple[str, str, Path]]:
             (EXTERNAL, EXTERNAL, folder / "external" / EXTERNAL / "predictions.csv")]
 
 
+def read_image_list(archive: Path, name: str, user: Optional[Path] = None) -> pd.DataFrame:
+    """``archive/sets/<name>.csv``: the images (id, label, lesion) whose probabilities the archives hold, in order.
+
+    Raises:
+      GridError: naming the list (and ``user``, the archive that needs it) when it is absent, unreadable or
+        lacks one of the columns image_id, label, lesion_id.
+    """
+    path = archive / "sets" / f"{name}.csv"
+    needed_by = f" (needed by {user.name})" if user is not None else ""
+    try:
+        listed = pd.read_csv(path, dtype={"image_id": str, "lesion_id": str})
+    except (OSError, ValueError) as err:
+        raise GridError(f"{path}: cannot read the image list{needed_by} ({err})") from None
+    missing = [c for c in IMAGE_LIST_COLUMNS if c not in listed.columns]
+    if missing:
+        raise GridError(f"{path}: missing column(s) {missing}{needed_by}; an image list has "
+                        f"{', '.join(IMAGE_LIST_COLUMNS)}")
+    return listed
+
+
 def _image_list(archive: Path, name: str, frame: pd.DataFrame) -> pd.DataFrame:
     """The archive's list of ``name``'s images (written by the first run archived); ``frame`` must hold the same."""
     path = archive / "sets" / f"{name}.csv"
-    columns = ["image_id", "label", "lesion_id"]
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, frame[columns].to_csv(index=False))
-    listed = pd.read_csv(path, dtype={"image_id": str, "lesion_id": str})
+        write_atomic(path, frame[list(IMAGE_LIST_COLUMNS)].to_csv(index=False))
+    listed = read_image_list(archive, name)
     if set(listed["image_id"]) != set(frame["image_id"].astype(str)):
         raise GridError(f"{path}: lists other images than the run being archived ({len(listed)} vs {len(frame)}): "
                         "a grid of another data set or split belongs in another --results folder")
@@ -349,12 +369,15 @@ def restore_points(grid: Grid, out: Path, archive: Path) -> list[str]:
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
             raise GridError(f"{file}: not a grid point archive ({err}); delete it to train the point again") from None
         for run, values in metrics.items():
-            clinic, seed = run.rsplit("/seed", 1)
+            clinic, _, seed = run.rpartition("/seed")
+            if not clinic or not seed.isdigit():
+                raise GridError(f"{file}: run {run!r} is not <clinic>/seed<k>; delete the file to train the point "
+                                "again")
             folder = Y.run_folder(root, clinic, int(seed)) / "eval_holdout"
             for name, listing, target in _archived_sets(folder, clinic):
                 if f"{run}/{name}" not in arrays:
                     continue
-                images = pd.read_csv(archive / "sets" / f"{listing}.csv", dtype={"image_id": str, "lesion_id": str})
+                images = read_image_list(archive, listing, file)
                 probabilities = arrays[f"{run}/{name}"]
                 if len(probabilities) != len(images):
                     raise GridError(f"{file}: {run}/{name} has {len(probabilities)} values for the "
@@ -654,9 +677,12 @@ def _read_quant(file: Path, archive: Path) -> tuple[list[str], dict, dict[str, p
             from None
     frames = {}
     for key, probabilities in arrays.items():
-        clinic, _, _, name = key.split("/")
-        images = pd.read_csv(archive / "sets" / f"{clinic if name == 'holdout' else name}.csv",
-                             dtype={"image_id": str, "lesion_id": str})
+        parts = key.split("/")
+        if len(parts) != 4 or not parts[1].startswith("seed"):
+            raise GridError(f"{file}: entry {key!r} is not <clinic>/seed<k>/<mode>/<set>; delete the file to "
+                            "quantize the point again")
+        clinic, _, _, name = parts
+        images = read_image_list(archive, clinic if name == "holdout" else name, file)
         if len(images) != len(probabilities):
             raise GridError(f"{file}: {key} has {len(probabilities)} values for the {len(images)} images listed")
         frames[key] = images.assign(probability=probabilities).set_index("image_id")
