@@ -19,6 +19,7 @@ written again on any machine.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 import zipfile
@@ -96,9 +97,9 @@ def read_sweep(sweep: Path) -> tuple[list[str], pd.DataFrame, dict[str, np.ndarr
 def save_archive(folder: Path, methods: list[str], images: pd.DataFrame, arrays: dict[str, np.ndarray]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     write_atomic(folder / "images.csv", images.to_csv(index=False))
-    tmp = folder / ".predictions.tmp.npz"
-    np.savez_compressed(tmp, methods=np.array(json.dumps(methods)), **arrays)
-    tmp.replace(folder / "predictions.npz")
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, methods=np.array(json.dumps(methods)), **arrays)
+    write_atomic(folder / "predictions.npz", buffer.getvalue())
 
 
 def load_archive(folder: Path) -> tuple[list[str], pd.DataFrame, dict[str, np.ndarray]]:
