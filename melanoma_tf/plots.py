@@ -155,7 +155,7 @@ def heatmap_plot(path: Path, values: np.ndarray, rows: list, columns: list, labe
     for i in range(len(rows)):
         for j in range(len(columns)):
             shade = image.norm(values[i, j]) if np.isfinite(values[i, j]) else 0.5
-            dark = shade < 0.2 or shade > 0.8 if centre is not None else shade < 0.4  # white text on dark cells
+            dark = (shade < 0.2 or shade > 0.8) if centre is not None else shade < 0.4  # white text on dark cells
             ax.text(j, i, labels[i][j], ha="center", va="center", fontsize=7, color="white" if dark else "black")
     ax.set_xticks(range(len(columns)), [str(c) for c in columns])
     ax.set_yticks(range(len(rows)), [str(r) for r in rows])

@@ -122,13 +122,9 @@ def load_archive(folder: Path) -> tuple[list[str], pd.DataFrame, dict[str, np.nd
     return methods, images, arrays
 
 
-def _bma(y: np.ndarray, predicted: np.ndarray, weights: Optional[np.ndarray] = None) -> float:
-    """Mean recall over the classes present (sklearn's balanced accuracy), with image weights (bootstrap counts)."""
-    w = np.ones(len(y)) if weights is None else weights
-    totals = np.bincount(y, weights=w, minlength=len(CLASSES))
-    hits = np.bincount(y, weights=w * (y == predicted), minlength=len(CLASSES))
-    present = totals > 0
-    return float(np.mean(hits[present] / totals[present]))
+def _baselines(methods: list[str]) -> list[str]:
+    """What every method is paired with: the sweep's first method (the student alone), and B2 when present."""
+    return [methods[0]] + ([SECOND_BASELINE] if SECOND_BASELINE in methods[1:] else [])
 
 
 def score(methods: list[str], images: pd.DataFrame, arrays: dict[str, np.ndarray], n_boot: int = 1000,
@@ -142,22 +138,24 @@ def score(methods: list[str], images: pd.DataFrame, arrays: dict[str, np.ndarray
     for _ in range(n_boot):
         drawn = np.bincount(rng.integers(0, index.max() + 1, index.max() + 1), minlength=index.max() + 1)
         weights.append(drawn[index].astype(float))
-    replicates = {m: np.array([_bma(y, arrays[f"{m}/predicted"], w) for w in weights]) for m in methods}
-    references = [methods[0]] + ([SECOND_BASELINE] if SECOND_BASELINE in methods[1:] else [])
+    replicates = {m: np.array([skm.balanced_accuracy_score(y, arrays[f"{m}/predicted"], sample_weight=w)
+                               for w in weights]) for m in methods}
+    references = _baselines(methods)
     rows = []
     for method in methods:
         predicted = arrays[f"{method}/predicted"]
-        row = {"method": method, "bma": _bma(y, predicted)}
+        row = {"method": method, "bma": skm.balanced_accuracy_score(y, predicted)}
         row["bma_low"], row["bma_high"] = np.percentile(replicates[method], [2.5, 97.5])
         for reference in references:
             if reference != method:
-                row[f"vs_{reference}"] = row["bma"] - _bma(y, arrays[f"{reference}/predicted"])
+                reference_bma = skm.balanced_accuracy_score(y, arrays[f"{reference}/predicted"])
+                row[f"vs_{reference}"] = row["bma"] - reference_bma
                 row[f"vs_{reference}_low"], row[f"vs_{reference}_high"] = np.percentile(
                     replicates[method] - replicates[reference], [2.5, 97.5])
         per_fold = {"bma": [], "accuracy": [], "macro_f1": [], "mel_roc_auc": []}
         for fold in np.unique(folds):
             rows_of = folds == fold
-            per_fold["bma"].append(_bma(y[rows_of], predicted[rows_of]))
+            per_fold["bma"].append(skm.balanced_accuracy_score(y[rows_of], predicted[rows_of]))
             per_fold["accuracy"].append(float(np.mean(y[rows_of] == predicted[rows_of])))
             per_fold["macro_f1"].append(float(skm.f1_score(y[rows_of], predicted[rows_of], average="macro",
                                                            labels=np.unique(y[rows_of]))))
@@ -178,7 +176,7 @@ def _paired(row: dict, reference: str) -> str:
 
 def write_table(folder: Path, table: pd.DataFrame, images: pd.DataFrame, n_boot: int) -> Path:
     methods = list(table["method"])
-    references = [methods[0]] + ([SECOND_BASELINE] if SECOND_BASELINE in methods[1:] else [])
+    references = _baselines(methods)
     n_folds = images["fold"].nunique()
     lines = ["# CRCKD's 7-class ablation, reproduced on 2 CPU cores", "",
              f"{len(images):,} non-holdout images of the shared HAM10000 subset, {n_folds} folds (stratified, "
